@@ -1,0 +1,24 @@
+"""ReasonRank's ranking semantics (prompts, parser, windows, Rank1) and the JAX metrics and reward.
+
+Prompt/parse/window code is pure Python; metrics and reward import jax lazily on first use.
+"""
+
+import importlib
+
+from rrjax.ranking.parse import (ANSWER_PATTERN, SOURCES, answer_span, clean_response, parse_permutation,
+                                 parse_permutation_with_source)
+from rrjax.ranking.pointwise import rank1_label_ids, rank1_prompt
+from rrjax.ranking.prompt import (CONTENT_FIELDS, MODES, SYSTEM_PROMPT, SYSTEM_PROMPT_REASONING,
+                                  build_messages, build_prompt, passage_content, post_prompt, prefix_prompt,
+                                  replace_number, system_prompt, user_message)
+from rrjax.ranking.window import apply_permutation, full_list_window, sliding_windows
+
+_LAZY = {"reward_score": "rrjax.ranking.reward", "batch_rewards": "rrjax.ranking.reward",
+         "metrics": "rrjax.ranking.metrics", "reward": "rrjax.ranking.reward"}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    module = importlib.import_module(_LAZY[name])
+    return module if module.__name__.endswith(name) else getattr(module, name)
+  raise AttributeError(f"module 'rrjax.ranking' has no attribute {name!r}")

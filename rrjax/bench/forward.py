@@ -1,0 +1,126 @@
+"""Prefill (forward) throughput: rrjax against transformers' torch forward on the same random weights.
+
+    python -m rrjax.bench.forward [--preset 0.5b] [--batch 1] [--seq 256] [--layers N] [--dtype float32]
+
+Prints tokens/s for both, the achieved FLOP/s, and the machine's limit as measured here: the best
+matmul rate of a large square matmul (jax and torch), so MFU is against what this machine really does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rrjax.model.qwen2 import Qwen2, Qwen2Config
+
+
+def forward_flops(c: Qwen2Config, batch: int, seq: int) -> float:
+  """Matmul FLOPs of one forward pass (the embedding lookup is free; attention scores are full T x T)."""
+  D, N, K, H, F, L = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, c.num_layers
+  per_token = L * 2 * (D * N * H + 2 * D * K * H + N * H * D + 3 * D * F) + 2 * D * c.vocab_size
+  attention = L * 2 * 2 * seq * seq * N * H * batch
+  return per_token * batch * seq + attention
+
+
+def _time(fn, repeats):
+  fn()  # warm-up / compile
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def matmul_peak(dtype: str, n: int = 2048) -> dict[str, float]:
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda a: a @ a)
+  t_jax = _time(lambda: f(a).block_until_ready(), 5)
+  out = {"jax_matmul_flops": 2 * n**3 / t_jax}
+  try:
+    import torch
+    ta = torch.ones((n, n), dtype=getattr(torch, dtype))
+    out["torch_matmul_flops"] = 2 * n**3 / _time(lambda: ta @ ta, 5)
+  except ImportError:
+    pass
+  return out
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(prog="python -m rrjax.bench.forward")
+  p.add_argument("--preset", default="0.5b")
+  p.add_argument("--layers", type=int, default=None, help="override the number of layers")
+  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--seq", type=int, default=256)
+  p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on accelerators")
+  p.add_argument("--attention", default="xla")
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--no-torch", action="store_true")
+  args = p.parse_args(argv)
+
+  dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+  overrides = dict(param_dtype=dtype, dtype=dtype, attention=args.attention)
+  if args.layers:
+    overrides["num_layers"] = args.layers
+  config = Qwen2Config.preset(args.preset, **overrides)
+  model = Qwen2(config, rngs=nnx.Rngs(0))
+  tokens = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.seq))
+  flops = forward_flops(config, args.batch, args.seq)
+  n_tokens = args.batch * args.seq
+
+  graphdef, state = nnx.split(model)
+  fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+  x = jnp.asarray(tokens)
+  t_ours = _time(lambda: fwd(state, x).block_until_ready(), args.repeats)
+  result = {
+      "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "model": config.name,
+      "layers": config.num_layers, "dtype": dtype, "batch": args.batch, "seq": args.seq,
+      "forward_gflop": flops / 1e9,
+      "rrjax_tokens_per_s": n_tokens / t_ours, "rrjax_flops_per_s": flops / t_ours,
+  }
+  if not args.no_torch:
+    try:
+      import torch
+      import transformers
+    except ImportError:
+      result["peer"] = "transformers not installed"
+    else:
+      from rrjax.model import hf
+      hf_config = transformers.Qwen2Config(**{k: v for k, v in config.to_hf_dict().items()
+                                              if k not in ("architectures", "torch_dtype")})
+      ref = transformers.Qwen2ForCausalLM(hf_config).to(getattr(torch, dtype)).eval()
+      with torch.no_grad():  # the same weights as ours
+        params = dict(ref.named_parameters())
+        for name, array in hf.hf_tensors(model, dtype="float32"):
+          params[name].copy_(torch.from_numpy(np.ascontiguousarray(array)))
+      tt = torch.tensor(tokens)
+
+      def torch_forward():
+        with torch.no_grad():
+          return ref(tt).logits
+
+      t_torch = _time(torch_forward, args.repeats)
+      with torch.no_grad():
+        diff = float(np.abs(ref(tt).logits.float().numpy() - np.asarray(fwd(state, x))).max())
+      result.update({"transformers_tokens_per_s": n_tokens / t_torch, "transformers_flops_per_s": flops / t_torch,
+                     "speedup_vs_transformers": t_torch / t_ours, "max_abs_logit_diff": diff,
+                     "torch_threads": torch.get_num_threads()})
+  peak = matmul_peak(dtype)
+  result.update(peak)
+  best = max(peak.values())
+  result["rrjax_mfu_vs_measured_matmul"] = result["rrjax_flops_per_s"] / best
+  if "transformers_flops_per_s" in result:
+    result["transformers_mfu_vs_measured_matmul"] = result["transformers_flops_per_s"] / best
+  print(json.dumps({k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in result.items()}, indent=2))
+  return result
+
+
+if __name__ == "__main__":
+  main()

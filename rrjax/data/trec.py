@@ -1,0 +1,322 @@
+"""Strict readers and atomic writers for TREC runs, qrels, topics and corpora.
+
+Every reader raises `TrecFormatError` (a ValueError) whose message is one line naming `file:line`,
+so CLIs can print it and exit non-zero without a traceback. Files ending in `.gz` are gunzipped.
+Runs and qrels come back as `{qid: {docid: value}}` in file order (the shape pytrec_eval takes).
+With `skip_malformed=True` run/qrels readers skip bad lines instead (ReasonRank drops the 12
+BRIGHT stackoverflow run lines whose docids contain spaces) and report the count in `.skipped`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+PathLike = str | os.PathLike
+
+# Upstream's convert_doc_to_prompt_content field precedence (ReasonRank utils.py).
+TEXT_FIELDS = ("text", "segment", "contents", "body", "passage")
+ID_FIELDS = ("docid", "_id", "id")
+QUERY_ID_FIELDS = ("id", "qid", "_id", "query_id")
+QUERY_TEXT_FIELDS = ("query", "text", "contents")
+
+
+class TrecFormatError(ValueError):
+  """A malformed input file; str() is a single line `file:line: what`."""
+
+  def __init__(self, path: PathLike, line: int | None, what: str):
+    self.path, self.line, self.what = str(path), line, what
+    where = f"{path}:{line}" if line is not None else f"{path}"
+    super().__init__(f"{where}: {' '.join(str(what).split())}")
+
+
+class TrecDict(dict):
+  """A dict that also remembers how many malformed lines the reader skipped."""
+  skipped: int = 0
+
+
+def _open_text(path: PathLike) -> io.TextIOBase:
+  if not os.path.exists(path):
+    raise TrecFormatError(path, None, "no such file")
+  if str(path).endswith(".gz"):
+    return gzip.open(path, "rt", encoding="utf-8", newline="")
+  return open(path, "rt", encoding="utf-8", newline="")
+
+
+def _lines(path: PathLike) -> Iterator[tuple[int, str]]:
+  """(1-based line number, line without its newline); decoding errors name the line.
+
+  Lines are split on bytes and decoded one at a time, so a bad byte is blamed on its own line.
+  """
+  if not os.path.exists(path):
+    raise TrecFormatError(path, None, "no such file")
+  n = 0
+  try:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+      for n, raw in enumerate(f, 1):
+        try:
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+          raise TrecFormatError(path, n, f"not UTF-8 ({e.reason} at byte {e.start})") from None
+        yield n, line.rstrip("\r\n")
+  except (OSError, EOFError) as e:
+    raise TrecFormatError(path, n + 1 if n else None, f"cannot read: {e}") from None
+
+
+def read_run(path: PathLike, skip_malformed: bool = False) -> TrecDict:
+  """`qid Q0 docid rank score tag` -> {qid: {docid: score}}; rank is ignored, as trec_eval does."""
+  run = TrecDict()
+  for n, line in _lines(path):
+    if not line.strip():
+      continue
+    fields = line.split()
+    try:
+      if len(fields) != 6:
+        raise ValueError(f"expected 6 fields 'qid Q0 docid rank score tag', got {len(fields)}")
+      qid, _, docid, rank, score, _ = fields
+      int(rank)
+      value = float(score)
+      if math.isnan(value):
+        raise ValueError("score is NaN")
+      docs = run.setdefault(qid, {})
+      if docid in docs:
+        raise ValueError(f"duplicate docid {docid!r} for query {qid!r}")
+      docs[docid] = value
+    except ValueError as e:
+      if not skip_malformed:
+        raise TrecFormatError(path, n, str(e)) from None
+      run.skipped += 1
+  return run
+
+
+def read_qrels(path: PathLike, skip_malformed: bool = False) -> TrecDict:
+  """`qid iter docid rel` -> {qid: {docid: rel}} (rel an int; the iter column is ignored)."""
+  qrels = TrecDict()
+  for n, line in _lines(path):
+    if not line.strip():
+      continue
+    fields = line.split()
+    try:
+      if len(fields) != 4:
+        raise ValueError(f"expected 4 fields 'qid iter docid rel', got {len(fields)}")
+      qid, _, docid, rel = fields
+      docs = qrels.setdefault(qid, {})
+      if docid in docs:
+        raise ValueError(f"duplicate judgment of {docid!r} for query {qid!r}")
+      docs[docid] = int(rel)
+    except ValueError as e:
+      if not skip_malformed:
+        raise TrecFormatError(path, n, str(e)) from None
+      qrels.skipped += 1
+  return qrels
+
+
+def _json_lines(path: PathLike) -> Iterator[tuple[int, dict]]:
+  for n, line in _lines(path):
+    if not line.strip():
+      continue
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise TrecFormatError(path, n, f"bad JSON: {e.msg} (column {e.colno})") from None
+    if not isinstance(obj, dict):
+      raise TrecFormatError(path, n, f"expected a JSON object, got {type(obj).__name__}")
+    yield n, obj
+
+
+def _field(path: PathLike, n: int, obj: Mapping[str, Any], names: Iterable[str], what: str) -> str:
+  for name in names:
+    if name in obj and obj[name] is not None:
+      return str(obj[name])
+  raise TrecFormatError(path, n, f"no {what} field (one of {', '.join(names)})")
+
+
+def _is_jsonl(path: PathLike) -> bool:
+  name = str(path).removesuffix(".gz")
+  return name.endswith((".jsonl", ".json"))
+
+
+def read_topics(path: PathLike) -> dict[str, str]:
+  """Topics as {qid: query}: tsv `qid<TAB>query`, or jsonl with `id`/`query` (BRIGHT, BEIR)."""
+  topics: dict[str, str] = {}
+  if _is_jsonl(path):
+    rows = ((n, _field(path, n, o, QUERY_ID_FIELDS, "query id"),
+             _field(path, n, o, QUERY_TEXT_FIELDS, "query text")) for n, o in _json_lines(path))
+  else:
+    rows = _tsv_topics(path)
+  for n, qid, query in rows:
+    if qid in topics:
+      raise TrecFormatError(path, n, f"duplicate query id {qid!r}")
+    topics[qid] = query
+  return topics
+
+
+def _tsv_topics(path: PathLike) -> Iterator[tuple[int, str, str]]:
+  for n, line in _lines(path):
+    if not line.strip():
+      continue
+    qid, tab, query = line.partition("\t")
+    if not tab or not qid.strip():
+      raise TrecFormatError(path, n, "expected 'qid<TAB>query'")
+    yield n, qid.strip(), query
+
+
+def doc_content(doc: Mapping[str, Any]) -> str:
+  """Passage text as upstream builds it: first of text/segment/contents/body/passage, and
+  `Title: {title} Content: {text}` when a non-empty title exists (before strip/ftfy/truncation)."""
+  content = next((doc[f] for f in TEXT_FIELDS if f in doc), None)
+  if content is None:
+    raise KeyError(f"document has none of the fields {', '.join(TEXT_FIELDS)}")
+  if doc.get("title"):
+    content = "Title: " + doc["title"] + " " + "Content: " + content
+  return content
+
+
+def read_corpus(path: PathLike) -> dict[str, dict[str, str]]:
+  """jsonl corpus -> {docid: {"text": ..., "title": ...}} ("title" only when present).
+
+  The id is the first of docid/_id/id; the text the first of text/segment/contents/body/passage
+  (upstream's precedence), so `doc_content(corpus[docid])` gives upstream's passage string.
+  """
+  corpus: dict[str, dict[str, str]] = {}
+  for n, obj in _json_lines(path):
+    docid = _field(path, n, obj, ID_FIELDS, "document id")
+    text = _field(path, n, obj, TEXT_FIELDS, "text")
+    if docid in corpus:
+      raise TrecFormatError(path, n, f"duplicate document id {docid!r}")
+    doc = {"text": text}
+    if obj.get("title"):
+      doc["title"] = str(obj["title"])
+    corpus[docid] = doc
+  return corpus
+
+
+def read_rankgpt(path: PathLike) -> tuple[dict[str, str], dict[str, dict[str, float]], dict[str, dict[str, str]]]:
+  """RankGPT json `[{query, hits: [{content, qid, docid, rank, score}]}]` -> (topics, run, corpus).
+
+  The run keeps the hits' order; errors name the file and the hit (`query i hit j`).
+  """
+  try:
+    with _open_text(path) as f:
+      data = json.load(f)
+  except json.JSONDecodeError as e:
+    raise TrecFormatError(path, e.lineno, f"bad JSON: {e.msg}") from None
+  except UnicodeDecodeError as e:
+    raise TrecFormatError(path, None, f"not UTF-8 ({e.reason})") from None
+  if not isinstance(data, list):
+    raise TrecFormatError(path, None, "expected a JSON list of {query, hits}")
+  topics: dict[str, str] = {}
+  run: dict[str, dict[str, float]] = {}
+  corpus: dict[str, dict[str, str]] = {}
+  for i, entry in enumerate(data):
+    try:
+      query, hits = entry["query"], entry["hits"]
+      for j, hit in enumerate(hits):
+        where = f"query {i} hit {j}"
+        try:
+          qid, docid = str(hit["qid"]), str(hit["docid"])
+          score, content = float(hit["score"]), str(hit["content"])
+        except (KeyError, TypeError, ValueError) as e:
+          raise TrecFormatError(path, None, f"{where}: bad hit ({type(e).__name__}: {e})") from None
+        topics.setdefault(qid, str(query))
+        docs = run.setdefault(qid, {})
+        if docid in docs:
+          raise TrecFormatError(path, None, f"{where}: duplicate docid {docid!r}")
+        docs[docid] = score
+        corpus.setdefault(docid, {"text": content})
+    except (KeyError, TypeError) as e:
+      raise TrecFormatError(path, None, f"query {i}: expected {{query, hits}} ({e})") from None
+  return topics, run, corpus
+
+
+def ranked(docs: Mapping[str, float]) -> list[tuple[str, float]]:
+  """trec_eval's order: score descending, ties broken by docid descending."""
+  return sorted(docs.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+@contextlib.contextmanager
+def atomic_open(path: PathLike) -> Iterator[io.TextIOBase]:
+  """Write text to a temp file in the same directory, fsync, then os.replace onto `path`.
+
+  If the body raises, the temp file is removed and `path` is untouched. `.gz` paths are gzipped.
+  """
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as raw:
+      if path.name.endswith(".gz"):
+        with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, \
+            io.TextIOWrapper(gz, encoding="utf-8", newline="\n") as f:
+          yield f
+      else:
+        with io.TextIOWrapper(raw, encoding="utf-8", newline="\n") as f:
+          yield f
+          f.flush()
+          os.fsync(raw.fileno())
+    if path.name.endswith(".gz"):
+      with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    # mkstemp makes the file 0600; give it the mode a plain open() would (or the old file's).
+    os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):  # make the rename itself durable where the OS allows
+      dir_fd = os.open(path.parent, os.O_RDONLY)
+      try:
+        os.fsync(dir_fd)
+      finally:
+        os.close(dir_fd)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)
+    raise
+
+
+def write_run(path: PathLike, run: Mapping[str, Mapping[str, float]], tag: str = "rrjax",
+              sort: bool = True) -> None:
+  """Write `qid Q0 docid rank score tag` lines atomically.
+
+  Scores are written with repr() (lossless), not upstream's `%.6f`, so no new ties appear. With
+  sort=True each query is written in trec_eval's order, so the rank column agrees with evaluation.
+  """
+  if not tag or any(c.isspace() for c in tag):
+    raise ValueError(f"tag must be non-empty without whitespace: {tag!r}")
+  with atomic_open(path) as f:
+    for qid, docs in run.items():
+      items = ranked(docs) if sort else list(docs.items())
+      for rank, (docid, score) in enumerate(items, 1):
+        if any(c.isspace() for c in f"{qid}{docid}") or not qid or not docid:
+          raise ValueError(f"query/doc ids must be non-empty without whitespace: {qid!r} {docid!r}")
+        f.write(f"{qid} Q0 {docid} {rank} {float(score)!r} {tag}\n")
+
+
+def write_qrels(path: PathLike, qrels: Mapping[str, Mapping[str, int]]) -> None:
+  """Write `qid 0 docid rel` lines atomically."""
+  with atomic_open(path) as f:
+    for qid, docs in qrels.items():
+      for docid, rel in docs.items():
+        f.write(f"{qid} 0 {docid} {int(rel)}\n")
+
+
+def write_topics(path: PathLike, topics: Mapping[str, str]) -> None:
+  """Write `qid<TAB>query` lines atomically (tabs and line breaks in queries become spaces)."""
+  with atomic_open(path) as f:
+    for qid, query in topics.items():
+      f.write(f"{qid}\t{query.translate(_FLATTEN)}\n")
+
+
+_FLATTEN = str.maketrans({"\t": " ", "\n": " ", "\r": " "})

@@ -1,0 +1,364 @@
+"""Qwen2 / Qwen2.5 decoder in Flax NNX.
+
+Layers are stored stacked (leading `layers` axis) and applied with `jax.lax.scan` (or a Python loop), with
+an optional remat policy. Every parameter carries logical axis names (`logical_axes` metadata) that
+rrjax.sharding maps onto a mesh. Shapes: B batch, T query length, S key length (cache), D hidden,
+N query heads, K kv heads, G = N // K, H head dim, F mlp width, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rrjax import sharding
+from rrjax.model import attention as attention_lib
+
+_CONFIGS = Path(__file__).parent.parent / "assets" / "qwen2.5_instruct_configs.json"
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2Config:
+  """Architecture plus run-time policy (dtypes, attention kernel, scan, remat)."""
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  tie_word_embeddings: bool
+  rope_theta: float = 1_000_000.0
+  rms_norm_eps: float = 1e-6
+  max_position_embeddings: int = 32768
+  bos_token_id: int = 151643
+  eos_token_id: int = 151645
+  name: str = "qwen2"
+  # Policy, not architecture.
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+  attention: str = "xla"  # xla | cudnn | splash
+  scan_layers: bool = True
+  remat: str = "none"  # none | full | dots | dots_no_batch
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+    if self.attention not in attention_lib.IMPLEMENTATIONS:
+      raise ValueError(f"attention={self.attention!r}; choose one of {attention_lib.IMPLEMENTATIONS}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+
+  def replace(self, **kwargs) -> Qwen2Config:
+    return dataclasses.replace(self, **kwargs)
+
+  # ---- presets (Instruct values; see assets/qwen2.5_instruct_configs.json) ----
+
+  @classmethod
+  def _preset(cls, key: str, **overrides) -> Qwen2Config:
+    models = json.loads(_CONFIGS.read_text())["models"]
+    return cls.from_hf_dict({**json.loads(_CONFIGS.read_text())["common"], **models[key]}, name=key,
+                            **overrides)
+
+  @classmethod
+  def qwen2_5_0_5b(cls, **kw) -> Qwen2Config:
+    return cls._preset("Qwen2.5-0.5B-Instruct", **kw)
+
+  @classmethod
+  def qwen2_5_1_5b(cls, **kw) -> Qwen2Config:
+    return cls._preset("Qwen2.5-1.5B-Instruct", **kw)
+
+  @classmethod
+  def qwen2_5_3b(cls, **kw) -> Qwen2Config:
+    return cls._preset("Qwen2.5-3B-Instruct", **kw)
+
+  @classmethod
+  def qwen2_5_7b(cls, **kw) -> Qwen2Config:
+    return cls._preset("Qwen2.5-7B-Instruct", **kw)
+
+  @classmethod
+  def qwen2_5_14b(cls, **kw) -> Qwen2Config:
+    return cls._preset("Qwen2.5-14B-Instruct", **kw)
+
+  @classmethod
+  def qwen2_5_32b(cls, **kw) -> Qwen2Config:
+    return cls._preset("Qwen2.5-32B-Instruct", **kw)
+
+  @classmethod
+  def qwen2_5_72b(cls, **kw) -> Qwen2Config:
+    # Published Qwen2.5-72B-Instruct config.json values.
+    return cls(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_layers=80, num_heads=64,
+               num_kv_heads=8, head_dim=128, tie_word_embeddings=False, name="Qwen2.5-72B-Instruct", **kw)
+
+  @classmethod
+  def tiny(cls, **kw) -> Qwen2Config:
+    """A 2-layer model with the Qwen2.5 vocabulary, small enough for CPU tests and the demo."""
+    defaults = dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=16, tie_word_embeddings=True, name="tiny")
+    return cls(**{**defaults, **kw})
+
+  @classmethod
+  def preset(cls, name: str, **kw) -> Qwen2Config:
+    """A preset by name: "0.5b", "qwen2_5_7b", "Qwen2.5-7B-Instruct", "tiny"."""
+    key = name.lower().replace("qwen2.5-", "").replace("qwen2_5_", "").replace("-instruct", "")
+    key = key.replace(".", "_").replace("-", "_")
+    ctor = getattr(cls, "tiny" if key == "tiny" else f"qwen2_5_{key}", None)
+    if ctor is None:
+      raise ValueError(f"unknown model preset {name!r}")
+    return ctor(**kw)
+
+  # ---- Hugging Face config.json ----
+
+  _HF_FIELDS = {
+      "vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+      "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+      "num_kv_heads": "num_key_value_heads",
+  }
+
+  @classmethod
+  def from_hf_dict(cls, d: dict[str, Any], *, source: str = "config.json", name: str | None = None,
+                   **overrides) -> Qwen2Config:
+    archs = d.get("architectures") or ["Qwen2ForCausalLM"]
+    if d.get("model_type", "qwen2") != "qwen2" or "Qwen2ForCausalLM" not in archs:
+      raise ValueError(f"{source}: architecture {archs} / model_type {d.get('model_type')!r} is not "
+                       "Qwen2ForCausalLM")
+    missing = [hf for hf in cls._HF_FIELDS.values() if hf not in d]
+    if missing:
+      raise ValueError(f"{source}: missing field {missing[0]!r}")
+    kw = {ours: int(d[hf]) for ours, hf in cls._HF_FIELDS.items()}
+    rope = d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta") or 1_000_000.0
+    if d.get("rope_scaling") or ((d.get("rope_parameters") or {}).get("rope_type", "default") != "default"):
+      raise ValueError(f"{source}: rope scaling {d.get('rope_scaling') or d.get('rope_parameters')} "
+                       "is not supported")
+    kw.update(
+        head_dim=int(d.get("head_dim") or kw["hidden_size"] // kw["num_heads"]),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        rope_theta=float(rope),
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
+        bos_token_id=int(d.get("bos_token_id", 151643) or 151643),
+        name=name or d.get("_name_or_path") or "qwen2",
+    )
+    eos = d.get("eos_token_id", 151645)
+    kw["eos_token_id"] = int(eos[0] if isinstance(eos, list) else eos)
+    return cls(**{**kw, **overrides})
+
+  def to_hf_dict(self, torch_dtype: str = "float32") -> dict[str, Any]:
+    return {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+        "attention_dropout": 0.0, "initializer_range": 0.02,
+        "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+        "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+        "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+        "head_dim": self.head_dim, "tie_word_embeddings": self.tie_word_embeddings,
+        "rope_theta": self.rope_theta, "rope_scaling": None, "rms_norm_eps": self.rms_norm_eps,
+        "max_position_embeddings": self.max_position_embeddings, "use_sliding_window": False,
+        "sliding_window": None, "max_window_layers": self.num_layers, "use_cache": True,
+        "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "torch_dtype": torch_dtype,
+    }
+
+  def param_count(self) -> int:
+    """Number of parameters, from abstract shapes (nothing is allocated)."""
+    abstract = nnx.eval_shape(lambda: Qwen2(self, rngs=nnx.Rngs(0)))
+    return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
+class KVCache(NamedTuple):
+  """Per-layer keys/values for `S` slots. Slots [0, index) are written; `segment_BxS` is 0 for empty or
+  padding slots (never attended to)."""
+
+  k_LxBxSxKxH: jax.Array
+  v_LxBxSxKxH: jax.Array
+  segment_BxS: jax.Array
+  index: jax.Array  # int32 scalar: the next slot to write
+
+  @classmethod
+  def zeros(cls, config: Qwen2Config, batch: int, length: int, dtype=None) -> KVCache:
+    dtype = jnp.dtype(dtype or config.dtype)
+    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), jnp.int32),
+               jnp.zeros((), jnp.int32))
+
+  @staticmethod
+  def logical_axes():
+    kv = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+    return KVCache(kv, kv, ("batch", "cache_length"), ())
+
+  @staticmethod
+  def nbytes(config: Qwen2Config, batch: int, length: int, dtype=None) -> int:
+    item = jnp.dtype(dtype or config.dtype).itemsize
+    return 2 * config.num_layers * batch * length * config.num_kv_heads * config.head_dim * item
+
+
+def _param(rngs, shape, axes, dtype, init="normal"):
+  if init == "normal":
+    value = nnx.initializers.normal(0.02)(rngs.params(), shape, dtype)
+  elif init == "ones":
+    value = jnp.ones(shape, dtype)
+  else:
+    value = jnp.zeros(shape, dtype)
+  return nnx.Param(value, logical_axes=axes)
+
+
+class DecoderLayers(nnx.Module):
+  """All decoder layers' weights, stacked on a leading `layers` axis."""
+
+  def __init__(self, c: Qwen2Config, *, rngs: nnx.Rngs):
+    L, D, N, K, H, F = c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+    pd = jnp.dtype(c.param_dtype)
+    self.attn_norm = _param(rngs, (L, D), ("layers", "norm"), pd, "ones")
+    self.q_kernel = _param(rngs, (L, D, N, H), ("layers", "embed", "q_heads", "head_dim"), pd)
+    self.q_bias = _param(rngs, (L, N, H), ("layers", "q_heads", "head_dim"), pd, "zeros")
+    self.k_kernel = _param(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), pd)
+    self.k_bias = _param(rngs, (L, K, H), ("layers", "kv_heads", "head_dim"), pd, "zeros")
+    self.v_kernel = _param(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), pd)
+    self.v_bias = _param(rngs, (L, K, H), ("layers", "kv_heads", "head_dim"), pd, "zeros")
+    self.o_kernel = _param(rngs, (L, N, H, D), ("layers", "q_heads", "head_dim", "embed"), pd)
+    self.mlp_norm = _param(rngs, (L, D), ("layers", "norm"), pd, "ones")
+    self.gate_kernel = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), pd)
+    self.up_kernel = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), pd)
+    self.down_kernel = _param(rngs, (L, F, D), ("layers", "mlp", "embed"), pd)
+
+  def weights(self) -> dict[str, jax.Array]:
+    return {name: v[...] for name, v in vars(self).items() if isinstance(v, nnx.Param)}
+
+
+def rms_norm(x_BxTxD, weight_D, eps):
+  x = x_BxTxD.astype(jnp.float32)
+  x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+  return weight_D.astype(x_BxTxD.dtype) * x.astype(x_BxTxD.dtype)
+
+
+def rope_tables(positions_BxT, head_dim, theta):
+  """cos/sin tables [B, T, H] for half-split rotary embeddings (float32)."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs_BxTxH2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+  emb_BxTxH = jnp.concatenate([freqs_BxTxH2, freqs_BxTxH2], axis=-1)
+  return jnp.cos(emb_BxTxH), jnp.sin(emb_BxTxH)
+
+
+def apply_rope(x_BxTxNxH, cos_BxTxH, sin_BxTxH):
+  half = x_BxTxNxH.shape[-1] // 2
+  rotated = jnp.concatenate([-x_BxTxNxH[..., half:], x_BxTxNxH[..., :half]], axis=-1)
+  cos, sin = cos_BxTxH[:, :, None, :].astype(x_BxTxNxH.dtype), sin_BxTxH[:, :, None, :].astype(x_BxTxNxH.dtype)
+  return x_BxTxNxH * cos + rotated * sin
+
+
+def positions_from_segments(segment_ids_BxT):
+  """Position of each token inside its packed segment (restarts at 0 where the segment id changes)."""
+  T = segment_ids_BxT.shape[1]
+  idx_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), segment_ids_BxT.shape)
+  change_BxT = jnp.concatenate(
+      [jnp.ones_like(segment_ids_BxT[:, :1], bool), segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
+  start_BxT = jax.lax.cummax(jnp.where(change_BxT, idx_BxT, 0), axis=1)
+  return idx_BxT - start_BxT
+
+
+class Qwen2(nnx.Module):
+  """Qwen2ForCausalLM. `model(tokens, positions, segment_ids)` -> float32 logits [B, T, V]."""
+
+  def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs):
+    self.config = config
+    c = config
+    pd = jnp.dtype(c.param_dtype)
+    self.embed = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), pd)
+    self.layers = DecoderLayers(c, rngs=rngs)
+    self.final_norm = _param(rngs, (c.hidden_size,), ("norm",), pd, "ones")
+    if not c.tie_word_embeddings:
+      self.lm_head = _param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), pd)
+
+  def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None, *, cache: KVCache | None = None):
+    """Logits for `tokens`. Without a cache, attention is causal inside each segment (segment id 0 marks
+    padding). With a cache, the new keys/values are written at `cache.index` and `(logits, cache)` is
+    returned; then `positions` are required and `segment_ids` default to ones."""
+    hidden_BxTxD, cache = self.hidden_states(tokens_BxT, positions_BxT, segment_ids_BxT, cache=cache)
+    logits = self.logits(hidden_BxTxD)
+    return logits if cache is None else (logits, cache)
+
+  def logits(self, hidden_BxTxD):
+    c = self.config
+    head_DxV = self.embed[...].T if c.tie_word_embeddings else self.lm_head[...]
+    logits_BxTxV = jnp.einsum("btd,dv->btv", hidden_BxTxD, head_DxV.astype(c.dtype),
+                              preferred_element_type=jnp.float32)
+    return sharding.constrain(logits_BxTxV, ("batch", "length", "vocab"))
+
+  def hidden_states(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None, *, cache=None):
+    """Final-norm hidden states [B, T, D] (and the updated cache, or None)."""
+    c = self.config
+    B, T = tokens_BxT.shape
+    if segment_ids_BxT is None:
+      segment_ids_BxT = jnp.ones((B, T), jnp.int32)
+    segment_ids_BxT = segment_ids_BxT.astype(jnp.int32)
+    if positions_BxT is None:
+      if cache is not None:
+        raise ValueError("positions are required when decoding with a cache")
+      positions_BxT = positions_from_segments(segment_ids_BxT)
+    x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(c.dtype)
+    x_BxTxD = sharding.constrain(x_BxTxD, ("batch", "length", "embed"))
+    cos, sin = rope_tables(positions_BxT, c.head_dim, c.rope_theta)
+
+    if cache is None:
+      q_index_T = kv_index_S = jnp.arange(T, dtype=jnp.int32)
+      kv_segment_BxS = segment_ids_BxT
+    else:
+      S = cache.segment_BxS.shape[1]
+      q_index_T = cache.index + jnp.arange(T, dtype=jnp.int32)
+      kv_index_S = jnp.arange(S, dtype=jnp.int32)
+      kv_segment_BxS = jax.lax.dynamic_update_slice(cache.segment_BxS, segment_ids_BxT, (0, cache.index))
+    mask = attention_lib.Mask(segment_ids_BxT, kv_segment_BxS, q_index_T, kv_index_S, causal_only=cache is None)
+
+    def layer(carry, xs):
+      x_BxTxD, k_cache, v_cache = carry
+      w, index = xs
+      h = rms_norm(x_BxTxD, w["attn_norm"], c.rms_norm_eps)
+      q = jnp.einsum("btd,dnh->btnh", h, w["q_kernel"].astype(c.dtype)) + w["q_bias"].astype(c.dtype)
+      k = jnp.einsum("btd,dkh->btkh", h, w["k_kernel"].astype(c.dtype)) + w["k_bias"].astype(c.dtype)
+      v = jnp.einsum("btd,dkh->btkh", h, w["v_kernel"].astype(c.dtype)) + w["v_bias"].astype(c.dtype)
+      q = sharding.constrain(apply_rope(q, cos, sin), ("batch", "length", "q_heads", "head_dim"))
+      k = sharding.constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
+      if k_cache is not None:
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), (index, 0, cache.index, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), (index, 0, cache.index, 0, 0))
+        k = jax.lax.dynamic_index_in_dim(k_cache, index, 0, keepdims=False).astype(c.dtype)
+        v = jax.lax.dynamic_index_in_dim(v_cache, index, 0, keepdims=False).astype(c.dtype)
+      out_BxTxNxH = attention_lib.attend(q, k, v, mask, impl=c.attention)
+      x_BxTxD = x_BxTxD + jnp.einsum("btnh,nhd->btd", out_BxTxNxH, w["o_kernel"].astype(c.dtype))
+      h = rms_norm(x_BxTxD, w["mlp_norm"], c.rms_norm_eps)
+      gate = jnp.einsum("btd,df->btf", h, w["gate_kernel"].astype(c.dtype))
+      up = jnp.einsum("btd,df->btf", h, w["up_kernel"].astype(c.dtype))
+      act_BxTxF = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+      x_BxTxD = x_BxTxD + jnp.einsum("btf,fd->btd", act_BxTxF, w["down_kernel"].astype(c.dtype))
+      x_BxTxD = sharding.constrain(x_BxTxD, ("batch", "length", "embed"))
+      return (x_BxTxD, k_cache, v_cache), None
+
+    if c.remat != "none":
+      layer = jax.checkpoint(layer, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+    weights = self.layers.weights()
+    carry = (x_BxTxD, None if cache is None else cache.k_LxBxSxKxH, None if cache is None else cache.v_LxBxSxKxH)
+    layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
+    if c.scan_layers:
+      carry, _ = jax.lax.scan(layer, carry, (weights, layer_ids))
+    else:
+      for i in range(c.num_layers):
+        carry, _ = layer(carry, (jax.tree.map(lambda w: w[i], weights), layer_ids[i]))
+    x_BxTxD, k_cache, v_cache = carry
+    hidden = rms_norm(x_BxTxD, self.final_norm[...], c.rms_norm_eps)
+    if cache is not None:
+      cache = KVCache(k_cache, v_cache, kv_segment_BxS, cache.index + T)
+    return hidden, cache

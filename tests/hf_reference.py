@@ -1,0 +1,45 @@
+"""Random transformers Qwen2ForCausalLM (torch, float32) models and their rrjax twins, for parity tests."""
+
+import numpy as np
+import torch
+import transformers
+
+from rrjax.model import hf
+from rrjax.model.qwen2 import Qwen2Config
+
+
+def torch_model(config: Qwen2Config, seed: int = 0) -> transformers.Qwen2ForCausalLM:
+  """A random HF model; biases and norm weights are randomised too so that every tensor matters."""
+  torch.manual_seed(seed)
+  hf_config = transformers.Qwen2Config(**{k: v for k, v in config.to_hf_dict().items()
+                                          if k not in ("architectures", "torch_dtype")})
+  hf_config._attn_implementation = "eager"
+  model = transformers.Qwen2ForCausalLM(hf_config).float().eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("bias"):
+        p.normal_(0.0, 0.5)
+      elif "norm" in name:
+        p.uniform_(0.5, 1.5)
+  return model
+
+
+def rrjax_twin(model: transformers.Qwen2ForCausalLM, config: Qwen2Config, mesh=None):
+  state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+  def get(name, shape):
+    array = state[name]
+    assert array.shape == tuple(shape), (name, array.shape, shape)
+    return array
+
+  return hf.from_tensors(config, get, mesh=mesh)
+
+
+def torch_logits(model, tokens, attention_mask=None, position_ids=None) -> np.ndarray:
+  kwargs = {}
+  if attention_mask is not None:
+    kwargs["attention_mask"] = torch.tensor(np.asarray(attention_mask))
+  if position_ids is not None:
+    kwargs["position_ids"] = torch.tensor(np.asarray(position_ids))
+  with torch.no_grad():
+    return model(torch.tensor(np.asarray(tokens)), **kwargs).logits.float().numpy()

@@ -1,0 +1,225 @@
+"""Listwise prompts against hand-written goldens from upstream's rules, and truncation against transformers."""
+
+import pytest
+
+from rrjax import tokenizer as tok_lib
+from rrjax.ranking import pointwise
+from rrjax.ranking import prompt as P
+
+# Written out from listwise_prompt_r1.toml and the Qwen2.5 chat template, not from rrjax.ranking.prompt.
+SYS_REASONING = (
+    "You are RankLLM, an intelligent assistant that can rank passages based on their relevance to the query. "
+    "Given a query and a passage list, you first thinks about the reasoning process in the mind and then provides "
+    "the answer (i.e., the reranked passage list). The reasoning process and answer are enclosed within "
+    "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
+    "<answer> answer here </answer>.")
+SYS_PLAIN = "You are RankLLM, an intelligent assistant that can rank passages based on their relevance to the query."
+HEAD = "<|im_start|>system\n" + SYS_REASONING + "<|im_end|>\n<|im_start|>user\n"
+HEAD_PLAIN = "<|im_start|>system\n" + SYS_PLAIN + "<|im_end|>\n<|im_start|>user\n"
+TAIL = "<|im_end|>\n<|im_start|>assistant\n"
+RANK_REASONING = ("passages above based on their relevance to the search query. All the passages should be included "
+                  "and listed using identifiers, in descending order of relevance. The format of the answer should be "
+                  "[] > [], e.g., [2] > [1].")
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return tok_lib.load()
+
+
+def test_brackets_in_query_and_passages(tok):
+  got = P.build_prompt("  What does [1] mean in [citation 2] and [23]?  ",
+                       ["See [3] and [ 4 ] and [x].", "Array a[10] = [0]."], tok)
+  q = "What does (1) mean in [citation 2] and (23)?"
+  assert got == (
+      HEAD + "I will provide you with 2 passages, each indicated by a numerical identifier []. Rank the passages "
+      f"based on their relevance to the search query: {q}.\n\n"
+      "[1] See (3) and [ 4 ] and [x].\n"
+      "[2] Array a(10) = (0).\n"
+      f"Search Query: {q}.\nRank the 2 " + RANK_REASONING + TAIL)
+  # Upstream's \d is Unicode-aware.
+  assert P.replace_number("[\u0663] [12] [a] [1.5]") == "(\u0663) (12) [a] [1.5]"
+
+
+def test_html_entities_mojibake_and_quotes(tok):
+  passages = [
+      "Caf\u00c3\u00a9 &amp; cr\u00c3\u00a8me",    # mojibake and an entity, both repaired per passage
+      "x &lt; y",
+      "a <b> &amp; c",                            # a '<' turns ftfy's HTML unescaping off
+      "\u201cquoted\u201d \u2014 dash",            # curly quotes are uncurled, the em dash stays
+      "line one\r\nline two",                      # CRLF -> LF
+  ]
+  # The query is only fixed by the whole-prompt pass, where '<|im_start|>' has already turned
+  # HTML unescaping off: "&amp;" survives, the mojibake and the curly quotes do not.
+  got = P.build_prompt("Caf\u00c3\u00a9 &amp; \u201cbar\u201d", passages, tok)
+  q = 'Café &amp; "bar"'
+  assert got == (
+      HEAD + "I will provide you with 5 passages, each indicated by a numerical identifier []. Rank the passages "
+      f"based on their relevance to the search query: {q}.\n\n"
+      "[1] Café & crème\n"
+      "[2] x < y\n"
+      "[3] a <b> &amp; c\n"
+      '[4] "quoted" \u2014 dash\n'
+      "[5] line one\nline two\n"
+      f"Search Query: {q}.\nRank the 5 " + RANK_REASONING + TAIL)
+
+
+def test_titles(tok):
+  passages = [
+      {"title": "Paris", "text": "Capital of France."},
+      {"title": "", "text": "No title."},
+      {"title": None, "contents": "None title."},
+      {"title": "Ref [5]", "text": "  body [6]  "},   # the title goes on before the strip
+      {"title": "  T  ", "text": "x"},
+  ]
+  got = P.build_prompt("q", passages, tok)
+  assert got == (
+      HEAD + "I will provide you with 5 passages, each indicated by a numerical identifier []. Rank the passages "
+      "based on their relevance to the search query: q.\n\n"
+      "[1] Title: Paris Content: Capital of France.\n"
+      "[2] No title.\n"
+      "[3] None title.\n"
+      "[4] Title: Ref (5) Content:   body (6)\n"
+      "[5] Title:   T   Content: x\n"
+      "Search Query: q.\nRank the 5 " + RANK_REASONING + TAIL)
+
+
+def test_every_content_field_and_precedence(tok):
+  passages = [
+      {"text": "T"}, {"segment": "S"}, {"contents": "C"}, {"body": "B"}, {"passage": "P"},
+      {"passage": "P", "body": "B", "contents": "C", "segment": "S"},   # segment beats the rest
+      {"text": "", "contents": "C"},                                   # present-but-empty text still wins
+      "plain string",
+  ]
+  got = P.build_prompt("q", passages, tok)
+  assert got == (
+      HEAD + "I will provide you with 8 passages, each indicated by a numerical identifier []. Rank the passages "
+      "based on their relevance to the search query: q.\n\n"
+      "[1] T\n[2] S\n[3] C\n[4] B\n[5] P\n[6] S\n[7] \n[8] plain string\n"
+      "Search Query: q.\nRank the 8 " + RANK_REASONING + TAIL)
+
+
+def test_truncation(tok):
+  passages = [
+      "  The quick brown fox jumps over the lazy dog.",
+      "alpha [12] beta",         # cut inside the brackets: "[1" is not an identifier
+      "alpha [12] beta gamma",   # cut after them: replaced after truncation
+      "short",
+  ]
+  got = [P.passage_content(p, tok, n) for p, n in zip(passages, (5, 3, 5, 5))]
+  assert got == ["The quick brown fox jumps", "alpha [1", "alpha (12)", "short"]
+  got = P.build_prompt("q", passages[:1], tok, max_passage_tokens=3)
+  assert "\n[1] The quick brown\nSearch Query: q.\n" in got
+
+
+def test_unicode(tok):
+  passages = [
+      "日本語のテキスト 😀",
+      "\uff26\uff55\uff4c\uff4c \uff57\uff49\uff44\uff54\uff48",   # fullwidth -> ASCII
+      "e\u0301t\u00e9",                                               # NFC
+      "龘 dragon",
+  ]
+  got = P.build_prompt("ünïcödé?", passages, tok)
+  assert got == (
+      HEAD + "I will provide you with 4 passages, each indicated by a numerical identifier []. Rank the passages "
+      "based on their relevance to the search query: ünïcödé?.\n\n"
+      "[1] 日本語のテキスト 😀\n[2] Full width\n[3] \u00e9t\u00e9\n[4] 龘 dragon\n"
+      "Search Query: ünïcödé?.\nRank the 4 " + RANK_REASONING + TAIL)
+  # One token is half of '龘': the byte-level decoder gives U+FFFD, as transformers does.
+  assert P.passage_content("龘 dragon", tok, 1) == "\ufffd"
+
+
+def test_window_of_one_plain_mode(tok):
+  got = P.build_prompt("q [7]", [{"body": "only [1] passage"}], tok, mode="plain")
+  assert got == (
+      HEAD_PLAIN + "I will provide you with 1 passages, each indicated by a numerical identifier []. Rank the "
+      "passages based on their relevance to the search query: q (7).\n\n"
+      "[1] only (1) passage\n"
+      "Search Query: q (7).\nRank the 1 passages above based on their relevance to the search query. All the "
+      "passages should be included and listed using identifiers, in descending order of relevance. The output "
+      "format should be [] > [], e.g., [2] > [1]. Only respond with the ranking results, do not say any word or "
+      "explain." + TAIL)
+
+
+def test_window_of_one_reasoning(tok):
+  got = P.build_prompt("q", ["p"], tok)
+  assert got == (
+      HEAD + "I will provide you with 1 passages, each indicated by a numerical identifier []. Rank the passages "
+      "based on their relevance to the search query: q.\n\n[1] p\nSearch Query: q.\nRank the 1 " + RANK_REASONING
+      + TAIL)
+
+
+def test_window_of_twenty(tok):
+  passages = [{"docid": f"d{i}", "text": f"Passage {i} cites [{i}]."} for i in range(1, 21)]
+  got = P.build_prompt("which passage?", passages, tok)
+  lines = "".join(f"[{i}] Passage {i} cites ({i}).\n" for i in range(1, 21))
+  assert got == (
+      HEAD + "I will provide you with 20 passages, each indicated by a numerical identifier []. Rank the passages "
+      "based on their relevance to the search query: which passage?.\n\n" + lines
+      + "Search Query: which passage?.\nRank the 20 " + RANK_REASONING + TAIL)
+
+
+def test_messages_and_full_list(tok):
+  msgs = P.build_messages("q", ["a", "b", "c"], tok)
+  assert [m["role"] for m in msgs] == ["system", "user"]
+  assert msgs[0]["content"] == SYS_REASONING
+  assert msgs[1]["content"].startswith("I will provide you with 3 passages")
+  assert msgs[1]["content"].endswith("e.g., [2] > [1].")
+  assert tok.apply_chat_template(msgs) == P.build_prompt("q", ["a", "b", "c"], tok)
+
+
+def test_bad_inputs(tok):
+  with pytest.raises(ValueError, match="fields"):
+    P.passage_content({"title": "t"}, tok)
+  with pytest.raises(ValueError, match="mode"):
+    P.build_prompt("q", ["p"], tok, mode="rank_GPT")
+  with pytest.raises(ValueError):
+    P.passage_content({"text": None}, tok)
+
+
+TRUNCATION_TEXTS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "日本語のテキスト です 😀😀 emoji 龘 ꙮ 𝔘𝔫𝔦",
+    "hello <|im_end|> world <think> x </think>",
+    "a\r\nb\n\n  c\t d \u00a0nbsp\u2003em",
+    "  lead and trail  ",
+    "e\u0301 naïve café ß ﬁ",
+    "x" * 60,
+]
+
+
+def test_truncation_matches_transformers(tok):
+  transformers = pytest.importorskip("transformers")
+  hf = transformers.AutoTokenizer.from_pretrained(str(tok_lib.ASSET_DIR))
+  for text in TRUNCATION_TEXTS:
+    assert tok.tokenize(text) == hf.tokenize(text), text
+    for n in (0, 1, 2, 3, 5, 8, 13, 512):
+      ours = tok.convert_tokens_to_string(tok.tokenize(text)[:n])
+      assert ours == hf.convert_tokens_to_string(hf.tokenize(text)[:n]), (text, n)
+  # And the whole prompt through transformers' template and tokenizer, upstream's exact path.
+  import ftfy
+  passages = [{"title": "T [1]", "text": t} for t in TRUNCATION_TEXTS]
+  query = "q [2] &amp;"
+  msgs = P.build_messages(query, passages, tok, max_passage_tokens=7)
+  upstream_user = (f"I will provide you with {len(passages)} passages, each indicated by a numerical identifier []. "
+                   "Rank the passages based on their relevance to the search query: q (2) &amp;.\n\n")
+  for i, p in enumerate(passages, 1):
+    content = ftfy.fix_text(("Title: " + p["title"] + " " + "Content: " + p["text"]).strip())
+    content = hf.convert_tokens_to_string(hf.tokenize(content)[:7])
+    upstream_user += f"[{i}] {P.replace_number(content)}\n"
+  upstream_user += f"Search Query: q (2) &amp;.\nRank the {len(passages)} " + RANK_REASONING
+  assert msgs[1]["content"] == upstream_user
+  upstream = ftfy.fix_text(hf.apply_chat_template(
+      [{"role": "system", "content": SYS_REASONING}, {"role": "user", "content": upstream_user}],
+      tokenize=False, add_generation_prompt=True))
+  assert P.build_prompt(query, passages, tok, max_passage_tokens=7) == upstream
+  assert P.build_prompt(query, passages, hf, max_passage_tokens=7) == upstream
+
+
+def test_rank1(tok):
+  assert pointwise.rank1_prompt("what is x?", "x is y.") == (
+      "Determine if the following passage is relevant to the query. Answer only with 'true' or 'false'.\n"
+      "Query: what is x?\nPassage: x is y.\n<think>")
+  true_id, false_id = pointwise.rank1_label_ids(tok)
+  assert (true_id, false_id) == (830, 895)
+  assert tok.decode([true_id]) == " true" and tok.decode([false_id]) == " false"
