@@ -159,3 +159,27 @@ def test_real_widths_two_layers(preset):
   expected = hf_reference.torch_logits(ref, tokens)
   del ref
   np.testing.assert_allclose(np.asarray(ours(jnp.asarray(tokens))), expected, atol=TOL, rtol=0)
+
+
+def test_splash_attention_matches_xla_in_interpret_mode():
+  """The TPU Pallas kernel, run by the Pallas interpreter on CPU, with packed segments and padding."""
+  config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
+                       num_kv_heads=2, head_dim=128, tie_word_embeddings=True)
+  tokens = jax.random.randint(jax.random.key(0), (2, 128), 0, 64)
+  segments = jnp.concatenate([jnp.zeros((2, 10), jnp.int32), jnp.ones((2, 60), jnp.int32),
+                              jnp.full((2, 58), 2, jnp.int32)], axis=1)
+  xla = Qwen2(config, rngs=nnx.Rngs(0))(tokens, segment_ids_BxT=segments)
+  splash = Qwen2(config.replace(attention="splash"), rngs=nnx.Rngs(0))(tokens, segment_ids_BxT=segments)
+  real = np.asarray(segments != 0)[..., None]
+  np.testing.assert_allclose(np.asarray(splash) * real, np.asarray(xla) * real, atol=TOL)
+  with pytest.raises(ValueError, match="divisible by 128"):
+    Qwen2(config.replace(attention="splash"), rngs=nnx.Rngs(0))(tokens[:, :100])
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+def test_cudnn_attention_matches_xla():
+  config = _tiny(head_dim=64, dtype="bfloat16", param_dtype="float32")
+  tokens = jax.random.randint(jax.random.key(0), (2, 64), 0, config.vocab_size)
+  xla = Qwen2(config, rngs=nnx.Rngs(0))(tokens)
+  cudnn = Qwen2(config.replace(attention="cudnn"), rngs=nnx.Rngs(0))(tokens)
+  np.testing.assert_allclose(np.asarray(cudnn), np.asarray(xla), atol=5e-2)

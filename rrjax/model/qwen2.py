@@ -293,9 +293,12 @@ class Qwen2(nnx.Module):
 
   def logits(self, hidden_BxTxD):
     c = self.config
-    head_DxV = self.embed[...].T if c.tie_word_embeddings else self.lm_head[...]
-    logits_BxTxV = jnp.einsum("btd,dv->btv", hidden_BxTxD, head_DxV.astype(c.dtype),
-                              preferred_element_type=jnp.float32)
+    if c.tie_word_embeddings:  # contract against the table as stored: no transposed copy of V x D
+      logits_BxTxV = jnp.einsum("btd,vd->btv", hidden_BxTxD, self.embed[...].astype(c.dtype),
+                                preferred_element_type=jnp.float32)
+    else:
+      logits_BxTxV = jnp.einsum("btd,dv->btv", hidden_BxTxD, self.lm_head[...].astype(c.dtype),
+                                preferred_element_type=jnp.float32)
     return sharding.constrain(logits_BxTxV, ("batch", "length", "vocab"))
 
   def hidden_states(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None, *, cache=None):
