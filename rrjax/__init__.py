@@ -10,6 +10,8 @@ _LAZY = {
     "Qwen2": "rrjax.model.qwen2",
     "from_pretrained": "rrjax.model.hf",
     "save_pretrained": "rrjax.model.hf",
+    "generate": "rrjax.decode",
+    "Generation": "rrjax.decode",
 }
 
 __all__ = sorted(_LAZY)

@@ -1,7 +1,8 @@
 """The README's main job, grown as capabilities land.
 
 Today: build a tiny random Qwen2.5-architecture model (or load --model), build a real ReasonRank listwise
-prompt with the bundled Qwen2.5 tokenizer, run the model over it, export the model to Hugging Face format,
+prompt with the bundled Qwen2.5 tokenizer, run the model over it, decode greedily with the compiled
+KV-cache decoder and parse the completion with upstream's parser, export the model to Hugging Face format,
 reload the export (with rrjax, and with transformers when it is installed) and show that the logits agree.
 A random model ranks nothing: this proves the plumbing, not quality.
 """
@@ -29,6 +30,7 @@ def main(argv=None) -> int:
   parser.add_argument("--model", help="a Hugging Face Qwen2 directory (default: a tiny random model)")
   parser.add_argument("--out", default="runs/demo", help="where the exported HF directory goes")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--new-tokens", type=int, default=24)
   args = parser.parse_args(argv)
 
   import jax
@@ -57,6 +59,12 @@ def main(argv=None) -> int:
   logits = np.asarray(jax.jit(lambda g, s, x: nnx.merge(g, s)(x))(*nnx.split(model), jnp.asarray([ids])))
   top = int(logits[0, -1].argmax())
   print(f"next token after the prompt: {top} {tok.decode([top])!r}")
+  generation = rrjax.generate(model, [ids], max_new_tokens=args.new_tokens, stop_ids=tok.stop_ids)
+  assert generation.tokens[0][0] == top, "the decoder's first greedy token differs from the forward pass"
+  completion = tok.decode(generation.tokens[0])
+  perm, source = ranking.parse_permutation_with_source(completion, len(PASSAGES))
+  print(f"greedy completion ({generation.lengths[0]} tokens, {generation.finish_reasons[0]}): {completion[:80]!r}")
+  print(f"parsed ranking ({source}): " + " > ".join(f"[{i + 1}]" for i in perm))
 
   out = Path(args.out) / "hf"
   rrjax.save_pretrained(model, out, tokenizer=tok)

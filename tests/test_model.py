@@ -113,6 +113,13 @@ def test_cache_prefill_then_decode_matches_full_forward():
     logits, cache = model(tokens[:, t:t + 1], positions[:, t:t + 1], cache=cache)
     np.testing.assert_allclose(logits[:, 0], full[:, t], atol=TOL)
   assert int(cache.index) == 9
+  # A fresh-cache prefill (self-attention only, fused-kernel friendly) gives the same logits and cache.
+  empty = KVCache.zeros(config, batch=2, length=16)
+  dense_logits, dense_cache = model(tokens[:, :6], positions[:, :6], cache=empty)
+  fresh_logits, fresh_cache = model(tokens[:, :6], positions[:, :6], cache=empty, fresh_cache=True)
+  np.testing.assert_allclose(fresh_logits, dense_logits, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(fresh_cache), jax.tree.leaves(dense_cache)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 PRESET_COUNTS = {"qwen2_5_0_5b": 0.494, "qwen2_5_1_5b": 1.544, "qwen2_5_3b": 3.086, "qwen2_5_7b": 7.616,

@@ -283,11 +283,15 @@ class Qwen2(nnx.Module):
     if not c.tie_word_embeddings:
       self.lm_head = _param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), pd)
 
-  def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None, *, cache: KVCache | None = None):
+  def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None, *, cache: KVCache | None = None,
+               fresh_cache: bool = False):
     """Logits for `tokens`. Without a cache, attention is causal inside each segment (segment id 0 marks
     padding). With a cache, the new keys/values are written at `cache.index` and `(logits, cache)` is
-    returned; then `positions` are required and `segment_ids` default to ones."""
-    hidden_BxTxD, cache = self.hidden_states(tokens_BxT, positions_BxT, segment_ids_BxT, cache=cache)
+    returned; then `positions` are required and `segment_ids` default to ones. `fresh_cache=True` (static)
+    promises an empty cache, so the new tokens attend only to each other through the fused kernels
+    (splash/cudnn) instead of a dense mask over every cache slot."""
+    hidden_BxTxD, cache = self.hidden_states(tokens_BxT, positions_BxT, segment_ids_BxT, cache=cache,
+                                             fresh_cache=fresh_cache)
     logits = self.logits(hidden_BxTxD)
     return logits if cache is None else (logits, cache)
 
@@ -301,7 +305,8 @@ class Qwen2(nnx.Module):
                                 preferred_element_type=jnp.float32)
     return sharding.constrain(logits_BxTxV, ("batch", "length", "vocab"))
 
-  def hidden_states(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None, *, cache=None):
+  def hidden_states(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None, *, cache=None,
+                    fresh_cache: bool = False):
     """Final-norm hidden states [B, T, D] (and the updated cache, or None)."""
     c = self.config
     B, T = tokens_BxT.shape
@@ -316,15 +321,16 @@ class Qwen2(nnx.Module):
     x_BxTxD = sharding.constrain(x_BxTxD, ("batch", "length", "embed"))
     cos, sin = rope_tables(positions_BxT, c.head_dim, c.rope_theta)
 
-    if cache is None:
+    self_only = cache is None or fresh_cache  # keys are exactly this call's tokens
+    if cache is not None:
+      cache_segment_BxS = jax.lax.dynamic_update_slice(cache.segment_BxS, segment_ids_BxT, (0, cache.index))
+    if self_only:
       q_index_T = kv_index_S = jnp.arange(T, dtype=jnp.int32)
-      kv_segment_BxS = segment_ids_BxT
+      mask = attention_lib.Mask(segment_ids_BxT, segment_ids_BxT, q_index_T, kv_index_S, causal_only=True)
     else:
-      S = cache.segment_BxS.shape[1]
       q_index_T = cache.index + jnp.arange(T, dtype=jnp.int32)
-      kv_index_S = jnp.arange(S, dtype=jnp.int32)
-      kv_segment_BxS = jax.lax.dynamic_update_slice(cache.segment_BxS, segment_ids_BxT, (0, cache.index))
-    mask = attention_lib.Mask(segment_ids_BxT, kv_segment_BxS, q_index_T, kv_index_S, causal_only=cache is None)
+      kv_index_S = jnp.arange(cache.segment_BxS.shape[1], dtype=jnp.int32)
+      mask = attention_lib.Mask(segment_ids_BxT, cache_segment_BxS, q_index_T, kv_index_S, causal_only=False)
 
     def layer(carry, xs):
       x_BxTxD, k_cache, v_cache = carry
@@ -338,8 +344,9 @@ class Qwen2(nnx.Module):
       if k_cache is not None:
         k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), (index, 0, cache.index, 0, 0))
         v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), (index, 0, cache.index, 0, 0))
-        k = jax.lax.dynamic_index_in_dim(k_cache, index, 0, keepdims=False).astype(c.dtype)
-        v = jax.lax.dynamic_index_in_dim(v_cache, index, 0, keepdims=False).astype(c.dtype)
+        if not self_only:
+          k = jax.lax.dynamic_index_in_dim(k_cache, index, 0, keepdims=False).astype(c.dtype)
+          v = jax.lax.dynamic_index_in_dim(v_cache, index, 0, keepdims=False).astype(c.dtype)
       out_BxTxNxH = attention_lib.attend(q, k, v, mask, impl=c.attention)
       x_BxTxD = x_BxTxD + jnp.einsum("btnh,nhd->btd", out_BxTxNxH, w["o_kernel"].astype(c.dtype))
       h = rms_norm(x_BxTxD, w["mlp_norm"], c.rms_norm_eps)
@@ -363,5 +370,5 @@ class Qwen2(nnx.Module):
     x_BxTxD, k_cache, v_cache = carry
     hidden = rms_norm(x_BxTxD, self.final_norm[...], c.rms_norm_eps)
     if cache is not None:
-      cache = KVCache(k_cache, v_cache, kv_segment_BxS, cache.index + T)
+      cache = KVCache(k_cache, v_cache, cache_segment_BxS, cache.index + T)
     return hidden, cache

@@ -1,0 +1,132 @@
+"""Decode benchmark: `python -m rrjax.bench.decode [--preset tiny|0.5b|...] [--batch 8] [--prompt-len 512]
+[--new-tokens 128] [--layers N] [--no-hf]`.
+
+Times `rrjax.generate` (greedy, after a warm-up compile) against transformers `generate` (torch, same
+random weights, same prompts, same machine, one run each), and compares decode speed with the
+memory-bandwidth roofline: every decode step must read all weights plus the keys/values of the filled
+context, so bytes per step / step time is the achieved bandwidth. The limit is a measured host memory
+bandwidth (large numpy copy) on CPU, or the device's published peak on GPU/TPU.
+
+Decode time is the time of an N-token call minus that of a 1-token call on the same compiled programs
+(both include the prefill), divided by N - 1 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rrjax import decode
+from rrjax.model import hf
+from rrjax.model.qwen2 import KVCache, Qwen2Config
+
+# Published peak HBM bandwidth, bytes/s, by device_kind substring.
+PEAK_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "L4": 0.3e12, "TPU v4": 1.2e12,
+                  "TPU v5 lite": 0.819e12, "TPU v5e": 0.819e12, "TPU v5p": 2.765e12, "TPU v5": 2.765e12,
+                  "TPU v6": 1.64e12}
+
+
+def host_bandwidth(megabytes: int = 512, repeats: int = 3) -> float:
+  """Bytes/s of a large numpy copy (read + write), best of `repeats`."""
+  src = np.ones(megabytes * 2**20 // 8, np.float64)
+  dst = np.zeros_like(src)
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    np.copyto(dst, src)
+    best = min(best, time.perf_counter() - t)
+  return 2 * src.nbytes / best
+
+
+def peak_bandwidth() -> tuple[float, str]:
+  device = jax.devices()[0]
+  if device.platform != "cpu":
+    for kind, bw in PEAK_BANDWIDTH.items():
+      if kind.lower() in device.device_kind.lower():
+        return bw, f"{device.device_kind} published peak"
+  return host_bandwidth(), "measured host copy (numpy, 512 MiB)"
+
+
+def _timed(fn) -> float:
+  t = time.perf_counter()
+  fn()
+  return time.perf_counter() - t
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--preset", default="tiny")
+  parser.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--prompt-len", type=int, default=512)
+  parser.add_argument("--new-tokens", type=int, default=128)
+  parser.add_argument("--dtype", default=None, help="compute/param dtype (default: f32 on CPU, bf16 else)")
+  parser.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
+  args = parser.parse_args(argv)
+
+  import torch
+  import transformers
+
+  dtype = args.dtype or hf.default_dtype()
+  overrides = {"num_layers": args.layers} if args.layers else {}
+  config = Qwen2Config.preset(args.preset, dtype=dtype, param_dtype=dtype, **overrides)
+  torch.manual_seed(0)
+  hf_config = transformers.Qwen2Config(**{k: v for k, v in config.to_hf_dict().items()
+                                          if k not in ("architectures", "torch_dtype")})
+  ref = transformers.Qwen2ForCausalLM(hf_config).float().eval()
+  state = {k: v.detach().float().numpy() for k, v in ref.state_dict().items()}
+  model = hf.from_tensors(config, lambda name, shape: state[name])
+  del state
+
+  B, P, N = args.batch, args.prompt_len, args.new_tokens
+  rng = np.random.default_rng(0)
+  prompts = rng.integers(0, min(config.vocab_size, 150_000), (B, P)).tolist()
+  buckets = decode.Buckets(min_new_tokens=N)  # the 1-token and N-token calls share their programs
+  run = lambda n: decode.generate(model, prompts, max_new_tokens=n, stop_ids=(), buckets=buckets)
+
+  compile_s = _timed(lambda: run(N))
+  ours_one = min(_timed(lambda: run(1)) for _ in range(2))
+  ours_full = _timed(lambda: run(N))
+  ours_step = max(ours_full - ours_one, 1e-9) / (N - 1)
+
+  c = config
+  weight_bytes = config.param_count() * jnp.dtype(c.param_dtype).itemsize
+  kv_per_token = KVCache.nbytes(c, B, 1, decode.default_cache_dtype(c))
+  step_bytes = weight_bytes + kv_per_token * (P + N / 2)  # mean filled context over the decode
+  bw, bw_source = peak_bandwidth()
+
+  print(f"device: {jax.devices()[0].device_kind} x{len(jax.devices())}; model {c.name} "
+        f"({config.param_count() / 1e6:.1f}M params, {c.num_layers} layers, {dtype}); "
+        f"batch {B}, prompt {P}, new tokens {N}")
+  print(f"rrjax  compile+first run {compile_s:.2f} s; prefill+1 token {ours_one * 1e3:.1f} ms; "
+        f"decode {ours_step * 1e3:.2f} ms/step = {B / ours_step:,.0f} tokens/s")
+  if not args.no_hf:
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    ref = ref.to(torch_dtype)
+    ids = torch.tensor(prompts)
+    mask = torch.ones_like(ids)
+
+    def hf_run(n):
+      with torch.no_grad():
+        ref.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                     eos_token_id=None, pad_token_id=0)
+
+    hf_run(2)  # warm-up
+    hf_one = _timed(lambda: hf_run(1))
+    hf_full = _timed(lambda: hf_run(N))
+    hf_step = max(hf_full - hf_one, 1e-9) / (N - 1)
+    print(f"HF     prefill+1 token {hf_one * 1e3:.1f} ms; decode {hf_step * 1e3:.2f} ms/step = "
+          f"{B / hf_step:,.0f} tokens/s (torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    print(f"speed-up rrjax / HF: decode {hf_step / ours_step:.2f}x, end to end {hf_full / ours_full:.2f}x")
+  print(f"roofline: {step_bytes / 1e6:.1f} MB read per decode step (weights {weight_bytes / 1e6:.1f} MB + "
+        f"KV {kv_per_token * (P + N / 2) / 1e6:.1f} MB); rrjax achieves {step_bytes / ours_step / 1e9:.1f} GB/s "
+        f"= {step_bytes / ours_step / bw:.0%} of {bw / 1e9:.1f} GB/s ({bw_source}); "
+        f"bound {bw / step_bytes * B:,.0f} tokens/s")
+
+
+if __name__ == "__main__":
+  main()
