@@ -1,0 +1,118 @@
+"""grain pipeline for SFT: seeded shuffle, per-process slice, packing (or padding), batching.
+
+`make_sft_iterator(source, ...)` returns a grain `DatasetIterator` of numpy batches
+  {"tokens", "loss_mask", "segment_ids", "positions"}: int32 [batch_size, seq_len] each,
+where segment_ids number the examples in a row from 1 (0 = padding) and positions restart at 0 for
+each example (0 on padding). Its `get_state()` / `set_state()` are the checkpointable state: restoring
+a saved state on a fresh iterator built with the same arguments yields exactly the remaining batches.
+
+Order of operations: global seeded shuffle (a new permutation each epoch) -> repeat(num_epochs) ->
+process slice `[process_index::process_count]` of that stream (disjoint, covering) -> pack/pad -> batch.
+With packing, examples are placed whole by first fit into `batch_size` bins of `seq_len` tokens (an
+example is never split across rows); an example longer than seq_len is cut to its first seq_len tokens
+(build with cutoff_len <= seq_len to get LLaMA-Factory's proportional cut instead). The last batch of a
+finite stream is padded with empty rows (all zeros, segment 0) rather than dropped. Packed processes
+can emit different batch counts: multi-host training should use num_epochs=None and stop on a step
+count.
+
+Tokens and loss_mask are aligned (loss_mask[t] marks tokens[t] as a response token); the loss shifts
+them, see `next_token_targets`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping, Sequence
+
+import grain
+import numpy as np
+
+BATCH_KEYS = ("tokens", "loss_mask", "segment_ids", "positions")
+
+
+def _prepare(record: Mapping[str, Any], seq_len: int) -> dict[str, np.ndarray]:
+  # Drop the text fields: only int32 sequences travel through packing and batching.
+  tokens = np.asarray(record["tokens"], np.int32)[:seq_len]
+  loss_mask = np.asarray(record["loss_mask"], np.int32)[:seq_len]
+  if tokens.shape != loss_mask.shape:
+    raise ValueError(f"tokens and loss_mask lengths differ: {tokens.shape} vs {loss_mask.shape}")
+  return {"tokens": tokens, "loss_mask": loss_mask}
+
+
+def _pad(example: Mapping[str, np.ndarray], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+  n = len(example["tokens"])
+  tokens = np.full(seq_len, pad_id, np.int32)
+  tokens[:n] = example["tokens"]
+  loss_mask = np.zeros(seq_len, np.int32)
+  loss_mask[:n] = example["loss_mask"]
+  segment_ids = np.zeros(seq_len, np.int32)
+  segment_ids[:n] = 1
+  positions = np.zeros(seq_len, np.int32)
+  positions[:n] = np.arange(n, dtype=np.int32)
+  return {"tokens": tokens, "loss_mask": loss_mask, "segment_ids": segment_ids, "positions": positions}
+
+
+def _from_packed(packed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {"tokens": packed["tokens"], "loss_mask": packed["loss_mask"],
+          "segment_ids": packed["tokens_segment_ids"].astype(np.int32),
+          "positions": packed["tokens_positions"].astype(np.int32)}
+
+
+def make_sft_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int, seq_len: int, seed: int,
+                     shuffle: bool = True, num_epochs: int | None = 1, process_index: int = 0,
+                     process_count: int = 1, packing: bool = True, pad_id: int = 0,
+                     read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
+  """The grain IterDataset behind `make_sft_iterator` (same arguments)."""
+  if batch_size <= 0 or seq_len <= 0:
+    raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
+  if len(source) == 0:
+    raise ValueError("the SFT source is empty")
+  ds = grain.MapDataset.source(source)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(num_epochs)
+  ds = ds[process_index::process_count]
+  ds = ds.map(functools.partial(_prepare, seq_len=seq_len))
+  it = ds.to_iter_dataset(read_options) if read_options is not None else ds.to_iter_dataset()
+  if packing:
+    it = grain.experimental.FirstFitPackIterDataset(
+        it, length_struct={"tokens": seq_len, "loss_mask": seq_len}, num_packing_bins=batch_size,
+        seed=seed, shuffle_bins=shuffle, padding_struct={"tokens": pad_id, "loss_mask": 0})
+    it = it.map(_from_packed)
+  else:
+    it = it.map(functools.partial(_pad, seq_len=seq_len, pad_id=pad_id))
+  return it.batch(batch_size, batch_fn=functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size))
+
+
+def make_sft_iterator(source: Sequence[Mapping[str, Any]], *, batch_size: int, seq_len: int, seed: int,
+                      shuffle: bool = True, num_epochs: int | None = 1, process_index: int = 0,
+                      process_count: int = 1, packing: bool = True, pad_id: int = 0,
+                      read_options: grain.ReadOptions | None = None) -> grain.DatasetIterator:
+  """An iterator of int32 [batch_size, seq_len] batches with checkpointable get_state/set_state.
+
+  `source` is any random-access sequence of records with "tokens" and "loss_mask" (e.g.
+  rrjax.data.builders.load_source). num_epochs=None repeats forever.
+  """
+  return iter(make_sft_dataset(
+      source, batch_size=batch_size, seq_len=seq_len, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+      process_index=process_index, process_count=process_count, packing=packing, pad_id=pad_id,
+      read_options=read_options))
+
+
+def next_token_targets(batch: Mapping[str, Any], xp=np) -> tuple[Any, Any]:
+  """(targets_BxT, weights_BxT) for a causal LM: position t predicts tokens[t+1].
+
+  The weight is loss_mask[t+1] where t and t+1 are in the same example (segment), else 0; the last
+  position has weight 0. Pass xp=jax.numpy to compute it on device inside the train step.
+  """
+  tokens_BxT = xp.asarray(batch["tokens"])
+  mask_BxT = xp.asarray(batch["loss_mask"])
+  seg_BxT = xp.asarray(batch["segment_ids"])
+  zeros_Bx1 = xp.zeros_like(tokens_BxT[:, :1])
+  targets_BxT = xp.concatenate([tokens_BxT[:, 1:], zeros_Bx1], axis=1)
+  same_BxT = (seg_BxT[:, 1:] == seg_BxT[:, :-1]) & (seg_BxT[:, 1:] > 0)
+  weights_BxT = xp.concatenate([mask_BxT[:, 1:] * same_BxT.astype(mask_BxT.dtype), zeros_Bx1.astype(mask_BxT.dtype)],
+                               axis=1)
+  return targets_BxT, weights_BxT
