@@ -8,7 +8,7 @@ import importlib
 _LAZY = {
     "Qwen2Config": "rrjax.model.qwen2",
     "Qwen2": "rrjax.model.qwen2",
-    "from_pretrained": "rrjax.model.hf",
+    "from_pretrained": "rrjax.checkpoints",
     "save_pretrained": "rrjax.model.hf",
     "generate": "rrjax.decode",
     "Generation": "rrjax.decode",

@@ -145,3 +145,32 @@ def _load_dir(directory: str) -> Tokenizer:
     bundled = json.loads((ASSET_DIR / "tokenizer_config.json").read_text())
     config = {**config, "chat_template": bundled["chat_template"]}
   return Tokenizer(backend=backend, config=config, source_dir=directory)
+
+
+def train_small(texts: Sequence[str], out_dir: str | os.PathLike, *, vocab_size: int = 1024) -> Tokenizer:
+  """A small byte-level BPE tokenizer in Qwen2.5's layout (same pre-tokenizer regex, special tokens and
+  chat template), trained on `texts`. The embedded demo and tests use it so that a tiny model's output
+  layer is not 150k wide; a real Qwen2.5 checkpoint always brings its own tokenizer.json."""
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+
+  qwen = json.loads((ASSET_DIR / "tokenizer.json").read_text())
+  config = json.loads((ASSET_DIR / "tokenizer_config.json").read_text())
+  specials = [t["content"] for t in sorted(qwen["added_tokens"], key=lambda t: t["id"])]
+  backend = tokenizers.Tokenizer(models.BPE())
+  backend.normalizer = tokenizers.normalizers.NFC()
+  split = qwen["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"]
+  backend.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Split(tokenizers.Regex(split), behavior="isolated"),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  backend.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  backend.train_from_iterator(texts, trainer)
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  backend.save(str(out / "tokenizer.json"))
+  small_config = {k: v for k, v in config.items() if k != "added_tokens_decoder"}
+  small_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+  (out / "tokenizer_config.json").write_text(json.dumps(small_config, indent=2, ensure_ascii=False))
+  _load_dir.cache_clear()
+  return load(out)

@@ -22,33 +22,8 @@ import numpy as np
 
 from rrjax import decode
 from rrjax.model import hf
+from rrjax.hardware import peak_bandwidth
 from rrjax.model.qwen2 import KVCache, Qwen2Config
-
-# Published peak HBM bandwidth, bytes/s, by device_kind substring.
-PEAK_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "L4": 0.3e12, "TPU v4": 1.2e12,
-                  "TPU v5 lite": 0.819e12, "TPU v5e": 0.819e12, "TPU v5p": 2.765e12, "TPU v5": 2.765e12,
-                  "TPU v6": 1.64e12}
-
-
-def host_bandwidth(megabytes: int = 512, repeats: int = 3) -> float:
-  """Bytes/s of a large numpy copy (read + write), best of `repeats`."""
-  src = np.ones(megabytes * 2**20 // 8, np.float64)
-  dst = np.zeros_like(src)
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    np.copyto(dst, src)
-    best = min(best, time.perf_counter() - t)
-  return 2 * src.nbytes / best
-
-
-def peak_bandwidth() -> tuple[float, str]:
-  device = jax.devices()[0]
-  if device.platform != "cpu":
-    for kind, bw in PEAK_BANDWIDTH.items():
-      if kind.lower() in device.device_kind.lower():
-        return bw, f"{device.device_kind} published peak"
-  return host_bandwidth(), "measured host copy (numpy, 512 MiB)"
 
 
 def _timed(fn) -> float:

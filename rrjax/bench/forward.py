@@ -18,15 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rrjax import hardware
 from rrjax.model.qwen2 import Qwen2, Qwen2Config
-
-
-def forward_flops(c: Qwen2Config, batch: int, seq: int) -> float:
-  """Matmul FLOPs of one forward pass (the embedding lookup is free; attention scores are full T x T)."""
-  D, N, K, H, F, L = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, c.num_layers
-  per_token = L * 2 * (D * N * H + 2 * D * K * H + N * H * D + 3 * D * F) + 2 * D * c.vocab_size
-  attention = L * 2 * 2 * seq * seq * N * H * batch
-  return per_token * batch * seq + attention
 
 
 def _time(fn, repeats):
@@ -39,15 +32,12 @@ def _time(fn, repeats):
   return statistics.median(times)
 
 
-def matmul_peak(dtype: str, n: int = 2048) -> dict[str, float]:
-  a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda a: a @ a)
-  t_jax = _time(lambda: f(a).block_until_ready(), 5)
-  out = {"jax_matmul_flops": 2 * n**3 / t_jax}
+def matmul_peak(dtype: str) -> dict[str, float]:
+  out = {"jax_matmul_flops": hardware.matmul_flops(dtype)}
   try:
     import torch
-    ta = torch.ones((n, n), dtype=getattr(torch, dtype))
-    out["torch_matmul_flops"] = 2 * n**3 / _time(lambda: ta @ ta, 5)
+    ta = torch.ones((2048, 2048), dtype=getattr(torch, dtype))
+    out["torch_matmul_flops"] = 2 * 2048**3 / _time(lambda: ta @ ta, 5)
   except ImportError:
     pass
   return out
@@ -72,7 +62,7 @@ def main(argv=None):
   config = Qwen2Config.preset(args.preset, **overrides)
   model = Qwen2(config, rngs=nnx.Rngs(0))
   tokens = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.seq))
-  flops = forward_flops(config, args.batch, args.seq)
+  flops = config.forward_flops(args.batch, args.seq)
   n_tokens = args.batch * args.seq
 
   graphdef, state = nnx.split(model)

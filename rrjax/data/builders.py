@@ -116,6 +116,7 @@ def to_features(example: sft.SFTExample, tokenizer, cutoff_len: int = sft.CUTOFF
 def build_sft(data_dir: PathLike, splits: Mapping[str, Sequence[SFTSource | sft.SFTExample]], *, tokenizer=None,
               settings: BuildSettings = BuildSettings(), overwrite: bool = False) -> RrjaxSft:
   """Writes the splits as ArrayRecord under data_dir (reusing an existing build unless overwrite)."""
+  tfds.display_progress_bar(False)  # keep stderr for errors: a failed build must end in one line
   builder = RrjaxSft(data_dir=os.fspath(data_dir), splits=splits, tokenizer=tokenizer, settings=settings)
   mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite else None
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode)

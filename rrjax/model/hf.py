@@ -135,11 +135,12 @@ def load_config(path: str | os.PathLike, **overrides) -> Qwen2Config:
 
 
 def from_hf(path: str | os.PathLike, *, dtype: str | None = None, mesh: Mesh | None = None,
-            **config_overrides) -> Qwen2:
-  """Loads a Hugging Face Qwen2 directory into a (sharded) rrjax model."""
+            config_overrides: dict | None = None) -> Qwen2:
+  """Loads a Hugging Face Qwen2 directory into a (sharded) rrjax model. `dtype` sets both the parameter
+  and compute dtype (default: bf16 on accelerators, f32 on CPU); `config_overrides` may refine either."""
   path = Path(path)
   dtype = dtype or default_dtype()
-  config = load_config(path, param_dtype=dtype, dtype=dtype, **config_overrides)
+  config = load_config(path, **{"param_dtype": dtype, "dtype": dtype, **(config_overrides or {})})
   return from_tensors(config, _SafetensorsDir(path).get, mesh=mesh)
 
 
@@ -254,17 +255,6 @@ def save_hf(model: Qwen2, path: str | os.PathLike, *, dtype: str | None = None,
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return path
-
-
-def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None, mesh: Mesh | None = None,
-                    **config_overrides) -> Qwen2:
-  """A model from a Hugging Face Qwen2 directory (config.json + safetensors)."""
-  path = Path(path)
-  if not path.is_dir():
-    raise CheckpointError(f"{path}: not a directory")
-  if (path / "config.json").exists():
-    return from_hf(path, dtype=dtype, mesh=mesh, **config_overrides)
-  raise CheckpointError(f"{path}: no config.json (expected a Hugging Face Qwen2 directory)")
 
 
 def save_pretrained(model: Qwen2, path: str | os.PathLike, **kwargs) -> Path:

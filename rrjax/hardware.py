@@ -1,0 +1,70 @@
+"""What the machine can do: published accelerator peaks, or measured host rates on CPU.
+
+Benchmarks and the training loop's MFU divide by these.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Published peak HBM bandwidth, bytes/s, by device_kind substring.
+PEAK_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "L4": 0.3e12, "TPU v4": 1.2e12,
+                  "TPU v5 lite": 0.819e12, "TPU v5e": 0.819e12, "TPU v5p": 2.765e12, "TPU v5": 2.765e12,
+                  "TPU v6": 1.64e12}
+# Published dense bf16 peak FLOP/s per chip, by device_kind substring.
+PEAK_FLOPS_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
+                   "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+                   "TPU v6": 918e12}
+
+
+def _published(table: dict[str, float]) -> tuple[float, str] | None:
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    return None
+  for kind, value in table.items():
+    if kind.lower() in device.device_kind.lower():
+      return value, f"{device.device_kind} published peak"
+  return None
+
+
+def host_bandwidth(megabytes: int = 512, repeats: int = 3) -> float:
+  """Bytes/s of a large numpy copy (read + write), best of `repeats`."""
+  src = np.ones(megabytes * 2**20 // 8, np.float64)
+  dst = np.zeros_like(src)
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    np.copyto(dst, src)
+    best = min(best, time.perf_counter() - t)
+  return 2 * src.nbytes / best
+
+
+def peak_bandwidth() -> tuple[float, str]:
+  return _published(PEAK_BANDWIDTH) or (host_bandwidth(), "measured host copy (numpy, 512 MiB)")
+
+
+@functools.lru_cache(maxsize=4)
+def matmul_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of a jitted n x n matmul on the default device, best of `repeats`."""
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda a: a @ a)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n**3 / best
+
+
+def peak_flops(dtype: str = "bfloat16") -> tuple[float, str]:
+  """Per-device peak: the published bf16 figure on accelerators, a measured matmul rate on CPU."""
+  published = _published(PEAK_FLOPS_BF16)
+  if published:
+    return published
+  return matmul_flops("float32"), "measured jax matmul (2048^2, float32)"

@@ -1,0 +1,225 @@
+"""The embedded synthetic reasoning-intensive ranking task, its lexical first stage, and TREC writers.
+
+A query states a numeric condition, each passage states a fact, and relevance is a comparison:
+
+  query    "Which items cost less than 7?"
+  passages "item lamp costs 5" (relevant), "item cup costs 7" (not), "item pen costs 9" (not), ...
+
+Word overlap cannot tell relevant from irrelevant passages: every passage shares the same words with
+the query ("items"/"item" and "cost"/"costs" differ, so they do not even match), and the only token a
+passage can share with the query is the threshold digit, which belongs to *boundary* passages
+("costs 7" for "less than 7") that are never relevant. The lexical first stage is therefore no better
+than chance and is actively misled by boundary distractors, while one comparison per passage solves
+the task exactly. Values are single digits (one Qwen2.5 token each) and passages are five tokens, so
+a 2-layer model can learn the comparison table (2 ops x 10 x 10) on a CPU.
+
+Every query has its own candidate pool (its passages), so the "retrieval" run is the lexical scorer's
+order of that pool: `tfidf_scores` (numpy TF-IDF, idf over the split's corpus; ties broken by a seeded
+shuffle so the run has distinct scores and trec_eval's docid tie-break never decides).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from rrjax.data import trec
+
+NAMES = ("apple", "bread", "chair", "lamp", "shoe", "book", "cup", "pen", "coat", "hat", "desk", "bowl",
+         "fork", "ring", "bell", "kite", "drum", "rope", "box", "bag", "sock", "key", "mug", "vase", "sofa",
+         "bed", "map", "clock", "tent", "boat")
+OPS = ("less", "more")
+DATASET = "rrjax-synth"
+QUERY_TEMPLATE = "Which items cost {op} than {threshold}?"
+PASSAGE_TEMPLATE = "item {name} costs {value}"
+QUERY_RE = re.compile(r"^Which items cost (less|more) than (\d+)\?$")
+PASSAGE_RE = re.compile(r"^item (\w+) costs (\d+)$")
+SPLITS = ("train", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+  """Size and difficulty of the synthetic task (everything is a function of these and the seed)."""
+
+  seed: int = 0
+  num_train: int = 1000
+  num_test: int = 100
+  passages_per_query: int = 10
+  min_relevant: int = 1
+  max_relevant: int = 3
+  max_value: int = 9            # values and thresholds are in [0, max_value]
+  boundary_prob: float = 0.7    # chance that a query gets 1-2 lexical distractors (value == threshold)
+  dataset: str = DATASET
+
+  def __post_init__(self):
+    if not 1 <= self.passages_per_query <= 20:
+      raise ValueError(f"passages_per_query must be in [1, 20] (one window), got {self.passages_per_query}")
+    if self.passages_per_query > len(NAMES):
+      raise ValueError(f"passages_per_query must be <= {len(NAMES)}")
+    if not 1 <= self.min_relevant <= self.max_relevant < self.passages_per_query:
+      raise ValueError("need 1 <= min_relevant <= max_relevant < passages_per_query")
+    if self.max_value < 1 or self.num_train < 0 or self.num_test < 0:
+      raise ValueError("max_value must be >= 1 and query counts >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticQuery:
+  """One query with its candidate passages (generation order) and the ground truth."""
+
+  qid: str
+  split: str
+  text: str
+  op: str
+  threshold: int
+  docids: tuple[str, ...]
+  passages: tuple[str, ...]
+  values: tuple[int, ...]
+  relevant: frozenset[str]
+
+
+def is_relevant(op: str, value: int, threshold: int) -> bool:
+  return value < threshold if op == "less" else value > threshold
+
+
+def _query(rng: np.random.Generator, cfg: TaskConfig, split: str, i: int) -> SyntheticQuery:
+  op = OPS[int(rng.integers(len(OPS)))]
+  # Thresholds that leave both a relevant and an irrelevant value range.
+  t = int(rng.integers(1, cfg.max_value + 1)) if op == "less" else int(rng.integers(0, cfg.max_value))
+  rel_values = list(range(0, t)) if op == "less" else list(range(t + 1, cfg.max_value + 1))
+  irr_values = list(range(t, cfg.max_value + 1)) if op == "less" else list(range(0, t + 1))
+  n = cfg.passages_per_query
+  n_rel = int(rng.integers(cfg.min_relevant, cfg.max_relevant + 1))
+  n_boundary = int(rng.integers(1, 3)) if rng.random() < cfg.boundary_prob else 0
+  n_boundary = min(n_boundary, n - n_rel)
+  values = ([int(rng.choice(rel_values)) for _ in range(n_rel)] + [t] * n_boundary
+            + [int(rng.choice(irr_values)) for _ in range(n - n_rel - n_boundary)])
+  order = rng.permutation(n)
+  values = [values[j] for j in order]
+  names = [NAMES[j] for j in rng.choice(len(NAMES), size=n, replace=False)]
+  qid = f"{split}-q{i:05d}"
+  docids = tuple(f"{qid}-p{j:02d}" for j in range(n))
+  passages = tuple(PASSAGE_TEMPLATE.format(name=nm, value=v) for nm, v in zip(names, values))
+  relevant = frozenset(d for d, v in zip(docids, values) if is_relevant(op, v, t))
+  return SyntheticQuery(qid, split, QUERY_TEMPLATE.format(op=op, threshold=t), op, t, docids, passages,
+                        tuple(values), relevant)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticTask:
+  config: TaskConfig
+  queries: tuple[SyntheticQuery, ...]
+
+  def split(self, name: str) -> list[SyntheticQuery]:
+    if name not in SPLITS:
+      raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
+    return [q for q in self.queries if q.split == name]
+
+
+def generate(config: TaskConfig = TaskConfig()) -> SyntheticTask:
+  """The task, deterministic in `config` (numpy PCG64 seeded with config.seed)."""
+  rng = np.random.default_rng(config.seed)
+  queries = [_query(rng, config, "train", i) for i in range(config.num_train)]
+  queries += [_query(rng, config, "test", i) for i in range(config.num_test)]
+  return SyntheticTask(config, tuple(queries))
+
+
+# ---------------------------------------------------------------- lexical first stage
+
+_TOKEN = re.compile(r"[a-z]+|\d+")
+
+
+def lexical_tokens(text: str) -> list[str]:
+  """Lowercased words and digit runs; no stemming (so "items" != "item", as in a plain BM25 index)."""
+  return _TOKEN.findall(text.lower())
+
+
+def tfidf_scores(query: str, passages: Sequence[str], idf: Mapping[str, float]) -> np.ndarray:
+  """sum over query terms of tf(term, passage) * idf(term), one float per passage."""
+  terms = lexical_tokens(query)
+  weights = np.array([idf.get(t, 0.0) for t in terms], np.float64)
+  tf = np.array([[toks.count(t) for t in terms] for toks in map(lexical_tokens, passages)], np.float64)
+  return tf.reshape(len(passages), len(terms)) @ weights
+
+
+def inverse_document_frequency(passages: Sequence[str]) -> dict[str, float]:
+  """Smoothed idf log((N + 1) / (df + 1)) + 1 over a corpus."""
+  df: dict[str, int] = {}
+  for p in passages:
+    for t in set(lexical_tokens(p)):
+      df[t] = df.get(t, 0) + 1
+  n = len(passages)
+  return {t: math.log((n + 1) / (c + 1)) + 1.0 for t, c in df.items()}
+
+
+def first_stage_run(queries: Sequence[SyntheticQuery], seed: int = 0) -> dict[str, dict[str, float]]:
+  """{qid: {docid: score}} from TF-IDF over each query's pool; distinct scores, seeded tie-breaks."""
+  idf = inverse_document_frequency([p for q in queries for p in q.passages])
+  rng = np.random.default_rng(seed + 7919)
+  run = {}
+  for q in queries:
+    scores = tfidf_scores(q.text, q.passages, idf)
+    tiebreak = rng.permutation(len(q.passages))  # rank within ties, 0 = first
+    order = sorted(range(len(q.passages)), key=lambda j: (-scores[j], tiebreak[j]))
+    n = len(order)
+    # Scores are strictly decreasing in rank; the lexical score stays readable in the integer part.
+    run[q.qid] = {q.docids[j]: float(round(scores[j], 6)) + (n - r) / (n + 1) * 1e-3 for r, j in enumerate(order)}
+  return run
+
+
+def oracle_run(queries: Sequence[SyntheticQuery]) -> dict[str, dict[str, float]]:
+  """The ground-truth ranking (relevant first, each group in generation order) as a run."""
+  run = {}
+  for q in queries:
+    order = [d for d in q.docids if d in q.relevant] + [d for d in q.docids if d not in q.relevant]
+    run[q.qid] = {d: float(len(order) - r) for r, d in enumerate(order)}
+  return run
+
+
+def qrels(queries: Sequence[SyntheticQuery]) -> dict[str, dict[str, int]]:
+  """Every candidate judged: 1 relevant, 0 not."""
+  return {q.qid: {d: int(d in q.relevant) for d in q.docids} for q in queries}
+
+
+def topics(queries: Sequence[SyntheticQuery]) -> dict[str, str]:
+  return {q.qid: q.text for q in queries}
+
+
+def corpus(queries: Sequence[SyntheticQuery]) -> dict[str, str]:
+  return {d: p for q in queries for d, p in zip(q.docids, q.passages)}
+
+
+def write_corpus(path, docs: Mapping[str, str | Mapping[str, str]]) -> None:
+  """jsonl `{"docid", "text"[, "title"]}`, readable by rrjax.data.trec.read_corpus (atomic)."""
+  with trec.atomic_open(path) as f:
+    for docid, doc in docs.items():
+      row = {"docid": docid, **({"text": doc} if isinstance(doc, str) else dict(doc))}
+      f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_split(task: SyntheticTask, split: str, out_dir) -> dict[str, str]:
+  """corpus.jsonl, topics.tsv, qrels.txt and run.lexical.txt for one split; returns their paths."""
+  out = Path(out_dir) / split
+  qs = task.split(split)
+  paths = {name: str(out / file) for name, file in (
+      ("corpus", "corpus.jsonl"), ("queries", "topics.tsv"), ("qrels", "qrels.txt"), ("run", "run.lexical.txt"))}
+  write_corpus(paths["corpus"], corpus(qs))
+  trec.write_topics(paths["queries"], topics(qs))
+  trec.write_qrels(paths["qrels"], qrels(qs))
+  trec.write_run(paths["run"], first_stage_run(qs, task.config.seed), tag="tfidf")
+  return paths
+
+
+def measure(queries: Sequence[SyntheticQuery], seed: int = 0) -> dict[str, float]:
+  """nDCG@10 (trec_eval semantics, rrjax.eval) of the lexical first stage and of the oracle."""
+  from rrjax import eval as eval_lib
+  judged = qrels(queries)
+  out = {}
+  for name, run in (("first_stage", first_stage_run(queries, seed)), ("oracle", oracle_run(queries))):
+    out[name] = eval_lib.evaluate(judged, run, ["ndcg@10"])["mean"]["ndcg@10"]
+  return out

@@ -1,0 +1,115 @@
+"""python -m rrjax.train --gin_file F [--gin_file F2 ...] [--gin_param 'name.field = value' ...]
+
+t5x-style: also `--gin.TrainConfig.num_steps=100`. gin exists only here: it fills the frozen dataclasses
+(TrainConfig and its parts) that the library uses. The gin file picks the trainer (`TrainConfig.trainer`);
+both run through rrjax.train.loop.run. Running again with the same TrainConfig.run_dir resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util  # noqa: F401  gin 0.5.0 needs it loaded before relative includes
+from pathlib import Path
+
+import gin
+
+from rrjax import cli
+from rrjax.model.qwen2 import Qwen2Config
+from rrjax.sharding import MeshConfig
+from rrjax.train import config as config_lib
+
+CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs"
+
+
+@gin.configurable
+def model_preset(name: str = "tiny", *, param_dtype: str | None = None, dtype: str | None = None,
+                 attention: str = "xla", scan_layers: bool = True, remat: str = "none",
+                 **architecture) -> Qwen2Config:
+  """A Qwen2.5 preset ("0.5b" ... "72b", "tiny") with this run's policy; architecture overrides allowed."""
+  import jax
+  default = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  return Qwen2Config.preset(name, param_dtype=param_dtype or "float32", dtype=dtype or default,
+                            attention=attention, scan_layers=scan_layers, remat=remat, **architecture)
+
+
+def _register():
+  for cls in (config_lib.TrainConfig, config_lib.OptimizerConfig, config_lib.CheckpointConfig,
+              config_lib.LoraConfig, config_lib.SFTDataConfig, MeshConfig):
+    gin.external_configurable(cls, module="rrjax")
+  try:
+    from rrjax.train import grpo
+    gin.external_configurable(grpo.GRPOConfig, module="rrjax")
+    gin.external_configurable(grpo.RLDataConfig, module="rrjax")
+  except ImportError:
+    pass
+
+
+_register()
+
+
+@gin.configurable
+def train(config: config_lib.TrainConfig = gin.REQUIRED) -> config_lib.TrainConfig:
+  """The run's TrainConfig (gin: `train.config = @TrainConfig()`)."""
+  return config
+
+
+def trainers() -> dict:
+  from rrjax.train import sft
+  table = {"sft": sft.SFTTrainer}
+  try:
+    from rrjax.train import grpo
+    table["grpo"] = grpo.GRPOTrainer
+  except ImportError:
+    pass
+  return table
+
+
+def parse_flags(argv):
+  parser = argparse.ArgumentParser(prog="python -m rrjax.train", description=__doc__.splitlines()[0])
+  parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
+  parser.add_argument("--gin_param", action="append", default=[], help="gin binding (repeatable)")
+  args, rest = parser.parse_known_args(argv)
+  for extra in rest:
+    if extra.startswith("--gin.") and "=" in extra:
+      name, value = extra[len("--gin."):].split("=", 1)
+      args.gin_param.append(f"{name} = {value}")
+    else:
+      parser.error(f"unrecognized argument {extra!r}")
+  if not args.gin_file and not args.gin_param:
+    parser.error("give at least one --gin_file")
+  return args
+
+
+def parse_config(gin_files, gin_params) -> config_lib.TrainConfig:
+  gin.clear_config()
+  for root in (Path.cwd(), CONFIG_ROOT.parent, CONFIG_ROOT):
+    gin.add_config_file_search_path(str(root))
+  for f in gin_files:
+    if not Path(f).exists() and not (CONFIG_ROOT.parent / f).exists():
+      raise FileNotFoundError(f"{f}: gin file not found")
+  files = [f if Path(f).exists() else str(CONFIG_ROOT.parent / f) for f in gin_files]
+  try:
+    gin.parse_config_files_and_bindings(files, gin_params, finalize_config=False)
+    config = train()
+  except (ValueError, TypeError, KeyError) as e:  # gin's messages name the file and line
+    raise ValueError(f"gin: {' '.join(str(e).split())}") from None
+  if config.trainer not in trainers():
+    raise ValueError(f"TrainConfig.trainer: {config.trainer!r} is not one of {sorted(trainers())}")
+  return config
+
+
+def run(gin_files, gin_params):
+  """Parses the gin configuration and trains; returns (TrainConfig, final TrainState)."""
+  from rrjax.train import loop
+  config = parse_config(gin_files, gin_params)
+  return config, loop.run(config, trainers()[config.trainer], operative_config=gin.operative_config_str())
+
+
+def main(argv=None) -> int:
+  args = parse_flags(argv)
+  run(args.gin_file, args.gin_param)
+  return 0
+
+
+if __name__ == "__main__":
+  cli.run(main, prog="rrjax.train")

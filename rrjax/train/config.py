@@ -1,0 +1,79 @@
+"""Frozen settings for training. gin fills them at the entry point (rrjax/train/__main__.py); the library
+only ever sees these dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from rrjax.model.qwen2 import Qwen2Config
+from rrjax.sharding import MeshConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """AdamW with linear warmup then cosine decay to `final_lr_ratio * lr`, and global-norm clipping."""
+
+  lr: float = 5e-6
+  warmup_ratio: float = 0.1
+  schedule: str = "cosine"  # cosine | constant
+  final_lr_ratio: float = 0.0
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  clip_norm: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every_steps: int = 500
+  keep: int = 3
+  async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters on the named projections; rank 0 disables LoRA (full fine-tuning)."""
+
+  rank: int = 0
+  alpha: float = 16.0
+  targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTDataConfig:
+  """ReasonRank SFT data: training_data_all.jsonl (+ id_query/, id_doc/) or LLaMA-Factory SFT JSON."""
+
+  train_files: tuple[str, ...] = ()
+  id_query: str | None = None
+  id_doc: str | None = None
+  max_passage_tokens: int = 512
+  cutoff_len: int = 23552
+  seq_len: int = 23552
+  packing: bool = True
+  shuffle: bool = True
+  data_dir: str | None = None  # where the TFDS ArrayRecord build goes; default <run_dir>/data
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """One training run. `num_steps` <= 0 means `num_epochs` passes over the data."""
+
+  run_dir: str = "runs/default"
+  trainer: str = "sft"  # sft | grpo
+  model: Qwen2Config = dataclasses.field(default_factory=Qwen2Config.tiny)
+  init_from: str | None = None  # an HF directory or an rrjax run/checkpoint; None = random init
+  tokenizer: str | None = None  # a directory with tokenizer.json; default: init_from's, else Qwen2.5's
+  mesh: MeshConfig = MeshConfig()
+  optimizer: OptimizerConfig = OptimizerConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  lora: LoraConfig = LoraConfig()
+  sft_data: SFTDataConfig = SFTDataConfig()
+  batch_size: int = 8  # global sequences (SFT) or prompts (GRPO) per optimizer step
+  grad_accum: int = 1
+  num_steps: int = 0
+  num_epochs: int = 1
+  seed: int = 0
+  log_every: int = 1
+  export_hf: bool = True
+  export_dtype: str | None = None

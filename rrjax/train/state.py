@@ -1,0 +1,103 @@
+"""Train state as plain pytrees: trainable params, frozen params, optimizer state, step and RNG.
+
+Parameters are pure dicts (what `nnx.to_pure_dict` gives), so Orbax saves and restores them as ordinary
+pytrees and `nnx.merge(graphdef, params, frozen)` rebuilds the model inside jit. Under LoRA the trainable
+params are the adapters and `frozen` holds the base weights (shared with the GRPO reference policy).
+
+Shapes and shardings of the whole state are known before anything is allocated (`StateLayout`), so a
+resume restores every shard straight onto its device and never builds the model first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rrjax import sharding as sharding_lib
+
+
+class TrainState(NamedTuple):
+  step: jax.Array  # int32 scalar: optimizer steps taken
+  params: Any  # trainable parameters (pure dict)
+  frozen: Any  # non-trainable parameters (pure dict; empty for full fine-tuning)
+  opt_state: Any
+  rng: jax.Array  # uint32 key data, split every step
+
+
+def trainable_filter(model: nnx.Module):
+  """LoRA adapters when the model has any, else every parameter."""
+  has_lora = any(isinstance(v, nnx.LoRAParam) for _, v in nnx.to_flat_state(nnx.state(model)))
+  return nnx.LoRAParam if has_lora else nnx.Param
+
+
+def split_model(model: nnx.Module):
+  """(graphdef, trainable state, frozen state) as nnx.State objects."""
+  return nnx.split(model, trainable_filter(model), ...)
+
+
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+  """Everything about the train state that is known without allocating it."""
+
+  graphdef: Any
+  abstract: TrainState  # ShapeDtypeStructs carrying their shardings
+  mesh: Mesh
+
+  @property
+  def shardings(self) -> TrainState:
+    return jax.tree.map(lambda x: x.sharding, self.abstract)
+
+
+def _replicated(mesh):
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def abstract_params(model_fn: Callable[[], nnx.Module], mesh: Mesh):
+  """(graphdef, trainable, frozen): pure dicts of ShapeDtypeStructs on their logical-axis shardings."""
+  graphdef, trainable, frozen = split_model(nnx.eval_shape(model_fn))
+
+  def with_shardings(state):
+    shardings = sharding_lib.state_shardings(state, mesh)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nnx.to_pure_dict(state), shardings)
+
+  return graphdef, with_shardings(trainable), with_shardings(frozen)
+
+
+def layout(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh: Mesh) -> StateLayout:
+  """Shapes from `nnx.eval_shape(model_fn)`, parameter shardings from the logical-axis rules, optimizer
+  state shardings from compiling (not running) `tx.init` on them."""
+  graphdef, p_abs, f_abs = abstract_params(model_fn, mesh)
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(tx.init).lower(p_abs).compile()
+  o_shapes = jax.eval_shape(tx.init, p_abs)
+  o_abs = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), o_shapes,
+                       compiled.output_shardings)
+  rep = _replicated(mesh)
+  key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+  abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), p_abs, f_abs, o_abs,
+                        jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep))
+  return StateLayout(graphdef, abstract, mesh)
+
+
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, lay: StateLayout, seed: int) -> TrainState:
+  """A fresh state from a built model (random init or imported weights), placed on the layout."""
+  _, trainable, frozen = split_model(model)
+  shardings = lay.shardings
+  params = jax.device_put(nnx.to_pure_dict(trainable), shardings.params)
+  frozen = jax.device_put(nnx.to_pure_dict(frozen), shardings.frozen)
+  with jax.set_mesh(lay.mesh):
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), shardings.rng)
+  step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+  return TrainState(step, params, frozen, opt_state, rng)
+
+
+def model_from_state(lay: StateLayout, state: TrainState) -> nnx.Module:
+  return nnx.merge(lay.graphdef, state.params, state.frozen)
