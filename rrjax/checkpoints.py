@@ -77,7 +77,7 @@ def _load_rrjax(run_dir: Path, step: int | None, *, mesh: Mesh | None, policy: d
   lora = LoraConfig(**{**meta.get("lora", {}), "targets": tuple(meta.get("lora", {}).get("targets", ()))})
   config = lora_lib.with_lora_config(config, lora)
   if mesh is None:
-    mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig(data=1), devices=jax.devices()[:1])
+    mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig(data=1), devices=jax.local_devices()[:1])
   graphdef, trainable, frozen = state_lib.abstract_params(lambda: Qwen2(config, rngs=nnx.Rngs(0)), mesh)
   params = ckpt.restore_params(step, {"trainable": trainable, "frozen": frozen})
   ckpt.close()

@@ -295,7 +295,7 @@ def estimate_memory(model: Qwen2, batch: int, prompt_len: int, new_tokens: int, 
                 + prompt_len * (3 * c.intermediate_size + 4 * c.hidden_size) * item
                 + 2 * c.vocab_size * 4)
   if memory_limit_bytes is None:
-    devices = mesh.devices.flat if mesh is not None else [jax.devices()[0]]
+    devices = mesh.devices.flat if mesh is not None else [jax.local_devices()[0]]
     memory_limit_bytes = _device_limit(list(devices))
   return MemoryEstimate(int(weights), int(cache), int(act), memory_limit_bytes)
 

@@ -150,7 +150,7 @@ def from_tensors(config: Qwen2Config, get: Callable[[str, tuple[int, ...]], np.n
   straight onto its sharding (only the slices this host's devices hold are materialised)."""
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Qwen2(config, rngs=nnx.Rngs(0))))
   if mesh is None:
-    mesh = jax.make_mesh((1, 1, 1), sharding_lib.MESH_AXES, devices=jax.devices()[:1],
+    mesh = jax.make_mesh((1, 1, 1), sharding_lib.MESH_AXES, devices=jax.local_devices()[:1],
                          axis_types=(jax.sharding.AxisType.Auto,) * 3)
   shardings = sharding_lib.state_shardings(abstract, mesh)
   np_dtype = np.dtype(jnp.dtype(config.param_dtype))
@@ -190,6 +190,10 @@ def hf_tensors(model: Qwen2, dtype: str | None = None):
   np_dtype = np.dtype(jnp.dtype(dtype or c.param_dtype))
 
   def host(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      # Multi-host: every process must take part in each gather, in the same order.
+      from jax.experimental import multihost_utils
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True)).astype(np_dtype)
     return np.asarray(jax.device_get(x)).astype(np_dtype)
 
   top = _top_map(c)
@@ -209,8 +213,31 @@ def hf_tensors(model: Qwen2, dtype: str | None = None):
 def save_hf(model: Qwen2, path: str | os.PathLike, *, dtype: str | None = None,
             max_shard_bytes: int = 5 * 10**9, tokenizer: tokenizer_lib.Tokenizer | None = None) -> Path:
   """Writes an HF directory that transformers' AutoModelForCausalLM loads. Atomic: a temporary sibling
-  directory is renamed into place only when every file is written."""
+  directory is renamed into place only when every file is written.
+
+  Multi-host: every process must call it (each tensor is gathered from all of them); process 0 writes.
+  """
   path = Path(path)
+  if jax.process_count() > 1:
+    return _save_hf_multihost(model, path, dtype=dtype, max_shard_bytes=max_shard_bytes, tokenizer=tokenizer)
+  return _save_hf(model, path, dtype=dtype, max_shard_bytes=max_shard_bytes, tokenizer=tokenizer)
+
+
+def _save_hf_multihost(model: Qwen2, path: Path, **kwargs) -> Path:
+  from jax.experimental import multihost_utils
+  try:
+    if jax.process_index() == 0:
+      _save_hf(model, path, **kwargs)
+    else:
+      for _ in hf_tensors(model, kwargs.get("dtype")):
+        pass
+  finally:  # the other processes return only once the directory is in place
+    multihost_utils.sync_global_devices("rrjax_save_hf")
+  return path
+
+
+def _save_hf(model: Qwen2, path: Path, *, dtype: str | None, max_shard_bytes: int,
+             tokenizer: tokenizer_lib.Tokenizer | None) -> Path:
   dtype = dtype or model.config.param_dtype
   torch_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[str(jnp.dtype(dtype))]
   path.parent.mkdir(parents=True, exist_ok=True)

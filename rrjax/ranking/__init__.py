@@ -11,6 +11,7 @@ from rrjax.ranking.pointwise import rank1_label_ids, rank1_prompt
 from rrjax.ranking.prompt import (CONTENT_FIELDS, MODES, SYSTEM_PROMPT, SYSTEM_PROMPT_REASONING,
                                   build_messages, build_prompt, passage_content, post_prompt, prefix_prompt,
                                   replace_number, system_prompt, user_message)
+from rrjax.ranking.rerank_loop import rerank_listwise, rerank_pointwise
 from rrjax.ranking.window import apply_permutation, full_list_window, sliding_windows
 
 _LAZY = {"reward_score": "rrjax.ranking.reward", "batch_rewards": "rrjax.ranking.reward",

@@ -34,14 +34,9 @@ def model_preset(name: str = "tiny", *, param_dtype: str | None = None, dtype: s
 
 def _register():
   for cls in (config_lib.TrainConfig, config_lib.OptimizerConfig, config_lib.CheckpointConfig,
-              config_lib.LoraConfig, config_lib.SFTDataConfig, MeshConfig):
+              config_lib.LoraConfig, config_lib.SFTDataConfig, config_lib.GRPOConfig, config_lib.RLDataConfig,
+              MeshConfig):
     gin.external_configurable(cls, module="rrjax")
-  try:
-    from rrjax.train import grpo
-    gin.external_configurable(grpo.GRPOConfig, module="rrjax")
-    gin.external_configurable(grpo.RLDataConfig, module="rrjax")
-  except ImportError:
-    pass
 
 
 _register()
@@ -54,20 +49,16 @@ def train(config: config_lib.TrainConfig = gin.REQUIRED) -> config_lib.TrainConf
 
 
 def trainers() -> dict:
-  from rrjax.train import sft
-  table = {"sft": sft.SFTTrainer}
-  try:
-    from rrjax.train import grpo
-    table["grpo"] = grpo.GRPOTrainer
-  except ImportError:
-    pass
-  return table
+  from rrjax.train import grpo, sft
+  return {"sft": sft.SFTTrainer, "grpo": grpo.GRPOTrainer}
 
 
 def parse_flags(argv):
   parser = argparse.ArgumentParser(prog="python -m rrjax.train", description=__doc__.splitlines()[0])
   parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
   parser.add_argument("--gin_param", action="append", default=[], help="gin binding (repeatable)")
+  from rrjax import distributed
+  distributed.add_flags(parser)
   args, rest = parser.parse_known_args(argv)
   for extra in rest:
     if extra.startswith("--gin.") and "=" in extra:
@@ -107,6 +98,8 @@ def run(gin_files, gin_params):
 
 def main(argv=None) -> int:
   args = parse_flags(argv)
+  from rrjax import distributed
+  distributed.initialize_from_args(args)  # a no-op on one host
   run(args.gin_file, args.gin_param)
   return 0
 

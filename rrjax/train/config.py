@@ -56,6 +56,33 @@ class SFTDataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+  """Upstream's recipe by default: 8 rollouts per prompt, 2 updates per step, clip 0.2, dual clip 3,
+  low-variance KL at 0.001, temperature 1, 3072 response tokens."""
+
+  rollouts_per_prompt: int = 8
+  updates_per_step: int = 2
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+  max_response_tokens: int = 3072
+  clip_ratio_low: float = 0.2
+  clip_ratio_high: float = 0.2
+  dual_clip: float = 3.0
+  kl_coef: float = 0.001
+  length_bucket: int = 64  # training sequences are padded to a multiple of this (few compiled shapes)
+  rollout_batch_size: int | None = None  # rows per generate call (None: all rollouts at once)
+
+
+@dataclasses.dataclass(frozen=True)
+class RLDataConfig:
+  """RL rows (jsonl or parquet, upstream's verl layout; see rrjax.data.rl)."""
+
+  train_files: tuple[str, ...] = ()
+  shuffle: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """One training run. `num_steps` <= 0 means `num_epochs` passes over the data."""
 
@@ -69,6 +96,8 @@ class TrainConfig:
   checkpoint: CheckpointConfig = CheckpointConfig()
   lora: LoraConfig = LoraConfig()
   sft_data: SFTDataConfig = SFTDataConfig()
+  grpo: GRPOConfig = GRPOConfig()
+  rl_data: RLDataConfig = RLDataConfig()
   batch_size: int = 8  # global sequences (SFT) or prompts (GRPO) per optimizer step
   grad_accum: int = 1
   num_steps: int = 0
