@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rrjax import decode
+from rrjax.bench import peer
 from rrjax.model import hf
 from rrjax.hardware import peak_bandwidth
 from rrjax.model.qwen2 import KVCache, Qwen2Config
@@ -50,9 +51,7 @@ def main(argv=None):
   overrides = {"num_layers": args.layers} if args.layers else {}
   config = Qwen2Config.preset(args.preset, dtype=dtype, param_dtype=dtype, **overrides)
   torch.manual_seed(0)
-  hf_config = transformers.Qwen2Config(**{k: v for k, v in config.to_hf_dict().items()
-                                          if k not in ("architectures", "torch_dtype")})
-  ref = transformers.Qwen2ForCausalLM(hf_config).float().eval()
+  ref = transformers.Qwen2ForCausalLM(peer.torch_config(config)).float().eval()
   state = {k: v.detach().float().numpy() for k, v in ref.state_dict().items()}
   model = hf.from_tensors(config, lambda name, shape: state[name])
   del state

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from rrjax import hardware
+from rrjax.bench import peer
 from rrjax.model.qwen2 import Qwen2, Qwen2Config
 
 
@@ -78,18 +79,10 @@ def main(argv=None):
   if not args.no_torch:
     try:
       import torch
-      import transformers
     except ImportError:
       result["peer"] = "transformers not installed"
     else:
-      from rrjax.model import hf
-      hf_config = transformers.Qwen2Config(**{k: v for k, v in config.to_hf_dict().items()
-                                              if k not in ("architectures", "torch_dtype")})
-      ref = transformers.Qwen2ForCausalLM(hf_config).to(getattr(torch, dtype)).eval()
-      with torch.no_grad():  # the same weights as ours
-        params = dict(ref.named_parameters())
-        for name, array in hf.hf_tensors(model, dtype="float32"):
-          params[name].copy_(torch.from_numpy(np.ascontiguousarray(array)))
+      ref = peer.torch_twin(config, peer.weights_of(model), dtype).eval()
       tt = torch.tensor(tokens)
 
       def torch_forward():

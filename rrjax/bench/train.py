@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from rrjax import hardware, sharding
-from rrjax.model import hf
+from rrjax.bench import peer
 from rrjax.model.qwen2 import Qwen2, Qwen2Config
 from rrjax.train import optim, sft
 from rrjax.train import state as state_lib
@@ -58,7 +58,7 @@ def main(argv=None):
   tx, lr = optim.make_optimizer(OptimizerConfig(lr=1e-5, warmup_ratio=0.0), 1000)
   lay = state_lib.layout(lambda: Qwen2(config, rngs=nnx.Rngs(0)), tx, mesh)
   model = sharding.create_sharded(lambda: Qwen2(config, rngs=nnx.Rngs(0)), mesh)
-  weights = None if args.no_torch else dict(hf.hf_tensors(model, dtype="float32"))  # before donation frees them
+  weights = None if args.no_torch else peer.weights_of(model)  # before donation frees them
   state = state_lib.init_state(model, tx, lay, 0)
   rng = np.random.default_rng(0)
   B, T = args.batch, args.seq
@@ -87,17 +87,10 @@ def main(argv=None):
   if not args.no_torch:
     try:
       import torch
-      import transformers
     except ImportError:
       result["peer"] = "transformers not installed"
     else:
-      hf_config = transformers.Qwen2Config(**{k: v for k, v in config.to_hf_dict().items()
-                                              if k not in ("architectures", "torch_dtype")})
-      ref = transformers.Qwen2ForCausalLM(hf_config).float().train()
-      with torch.no_grad():
-        params = dict(ref.named_parameters())
-        for name, array in weights.items():
-          params[name].copy_(torch.from_numpy(np.ascontiguousarray(array)))
+      ref = peer.torch_twin(config, weights).train()
       opt = torch.optim.AdamW(ref.parameters(), lr=1e-5)
       tokens = torch.tensor(batch["tokens"], dtype=torch.long)
       autocast = dtype == "bfloat16"

@@ -18,12 +18,11 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from rrjax import sharding as sharding_lib
 from rrjax import tokenizer as tokenizer_lib

@@ -28,7 +28,7 @@ from rrjax.data import rl as rl_data
 from rrjax.model.qwen2 import Qwen2Config
 from rrjax.ranking import reward as reward_lib
 from rrjax.train import optim
-from rrjax.train.config import GRPOConfig, RLDataConfig, TrainConfig  # noqa: F401  (re-exported)
+from rrjax.train.config import GRPOConfig, TrainConfig
 from rrjax.train.state import TrainState
 
 

@@ -8,7 +8,6 @@ here once.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 import jax
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
