@@ -223,3 +223,20 @@ def test_grpo_kill_and_resume_is_exact(rl_setup):
   b = safetensors.numpy.load_file(rl_setup / "killed" / "hf" / "model.safetensors")
   for name in a:
     np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_lora_reference_is_the_frozen_base():
+  """Under LoRA the KL reference is the same graph with adapters zeroed: exactly the base model."""
+  from rrjax.train import state as state_lib
+  cfg = F.tiny_config()
+  base = Qwen2(cfg, rngs=nnx.Rngs(0))
+  adapted = lora.apply_lora(base, LoraConfig(rank=4, alpha=8.0), seed=1)
+  graphdef, trainable, frozen = state_lib.split_model(adapted)
+  trainable = jax.tree.map(lambda x: x + 0.05, nnx.to_pure_dict(trainable))  # trained adapters
+  tokens = jnp.arange(3, 15)[None]
+  segments = jnp.ones_like(tokens)
+  ref = nnx.merge(graphdef, grpo._lora_off(trainable), nnx.to_pure_dict(frozen))
+  np.testing.assert_allclose(np.asarray(grpo.token_logprobs(ref, tokens, segments)[0]),
+                             np.asarray(grpo.token_logprobs(base, tokens, segments)[0]), atol=1e-6)
+  policy = nnx.merge(graphdef, trainable, nnx.to_pure_dict(frozen))
+  assert not np.allclose(np.asarray(policy(tokens)), np.asarray(base(tokens)), atol=1e-3)
