@@ -191,6 +191,22 @@ def test_grpo_raises_mean_reward(rl_setup):
   assert int(state.step) == 30 * 2  # two optimizer updates per GRPO step
 
 
+@pytest.mark.slow
+def test_grpo_with_lora_trains_only_adapters(rl_setup):
+  config, state = entry.run([GRPO_GIN], _grpo_params(rl_setup, "grpo_lora", **{
+      "TrainConfig.num_steps": 3, "TrainConfig.lora": "@LoraConfig()", "LoraConfig.rank": 4,
+      "LoraConfig.alpha": 8.0, "OptimizerConfig.lr": 1e-2}))
+  assert all(k.endswith(("_lora_a", "_lora_b")) for k in state.params["layers"])
+  import rrjax
+  base = rrjax.from_pretrained(rl_setup / "sft")
+  np.testing.assert_array_equal(np.asarray(state.frozen["layers"]["up_kernel"]), np.asarray(base.layers.up_kernel[...]))
+  metrics = read_metrics(config.run_dir)
+  assert len(metrics) == 3 and all(np.isfinite(m["kl"]) for m in metrics)
+  assert metrics[-1]["kl"] > 0  # the policy moved away from the frozen base it is measured against
+  merged = rrjax.from_pretrained(Path(config.run_dir) / "hf")
+  assert not np.array_equal(np.asarray(merged.layers.up_kernel[...]), np.asarray(base.layers.up_kernel[...]))
+
+
 def _cli(args):
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
