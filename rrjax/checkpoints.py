@@ -46,7 +46,7 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, config: Qwen2Conf
     raise hf.CheckpointError(f"{path}: no such file or directory")
   policy = {}
   if config is not None:
-    policy = {f: getattr(config, f) for f in ("param_dtype", "dtype", "attention", "scan_layers", "remat")}
+    policy = config.policy()
   elif dtype is not None:
     policy = {"param_dtype": dtype, "dtype": dtype}
   if (path / "config.json").exists():
@@ -58,11 +58,9 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, config: Qwen2Conf
   return _load_rrjax(*located, mesh=mesh, policy=policy)
 
 
-def _load_rrjax(run_dir: Path, step: int | None, *, mesh: Mesh | None, policy: dict) -> Qwen2:
-  from rrjax.train import lora as lora_lib
-  from rrjax.train import state as state_lib
+def _open_step(run_dir: Path, step: int | None):
+  """(Checkpointer, step, meta) of `step`, or of the newest finished step when None."""
   from rrjax.train.checkpoint import Checkpointer
-  from rrjax.train.config import LoraConfig
 
   ckpt = Checkpointer(run_dir, read_only=True)
   steps = ckpt.steps()
@@ -71,9 +69,35 @@ def _load_rrjax(run_dir: Path, step: int | None, *, mesh: Mesh | None, policy: d
   if step is not None and step not in steps:
     raise hf.CheckpointError(f"{run_dir}: no checkpoint step {step} (have {steps})")
   step = steps[-1] if step is None else step
-  meta = ckpt.meta(step)
-  defaults = {f: v for f, v in meta.get("policy", {}).items()}
-  config = Qwen2Config.from_hf_dict(meta["model"], source=f"{ckpt.directory}/{step}/meta", **{**defaults, **policy})
+  return ckpt, step, ckpt.meta(step)
+
+
+def _config_from_meta(meta: dict, source: str, policy: dict) -> Qwen2Config:
+  """The stored architecture with the stored policy, overridden by `policy`; without LoRA fields."""
+  return Qwen2Config.from_hf_dict(meta["model"], source=source, **{**meta.get("policy", {}), **policy})
+
+
+def load_config(path: str | os.PathLike, **policy) -> Qwen2Config:
+  """The architecture of an HF directory or an rrjax checkpoint (base model, no adapters), with `policy`."""
+  path = Path(path)
+  if (path / "config.json").exists():
+    return hf.load_config(path, **policy)
+  located = _locate(path)
+  if located is None:
+    raise hf.CheckpointError(f"{path}: neither a Hugging Face directory (config.json) nor an rrjax checkpoint "
+                             "(a run directory with checkpoints/)")
+  ckpt, step, meta = _open_step(*located)
+  ckpt.close()
+  return _config_from_meta(meta, f"{ckpt.directory}/{step}/meta", policy)
+
+
+def _load_rrjax(run_dir: Path, step: int | None, *, mesh: Mesh | None, policy: dict) -> Qwen2:
+  from rrjax.train import lora as lora_lib
+  from rrjax.train import state as state_lib
+  from rrjax.train.config import LoraConfig
+
+  ckpt, step, meta = _open_step(run_dir, step)
+  config = _config_from_meta(meta, f"{ckpt.directory}/{step}/meta", policy)
   lora = LoraConfig(**{**meta.get("lora", {}), "targets": tuple(meta.get("lora", {}).get("targets", ()))})
   config = lora_lib.with_lora_config(config, lora)
   if mesh is None:

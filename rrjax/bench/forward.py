@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -19,18 +17,9 @@ import numpy as np
 from flax import nnx
 
 from rrjax import hardware
+from rrjax.bench import median_seconds
 from rrjax.bench import peer
 from rrjax.model.qwen2 import Qwen2, Qwen2Config
-
-
-def _time(fn, repeats):
-  fn()  # warm-up / compile
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def matmul_peak(dtype: str) -> dict[str, float]:
@@ -38,7 +27,7 @@ def matmul_peak(dtype: str) -> dict[str, float]:
   try:
     import torch
     ta = torch.ones((2048, 2048), dtype=getattr(torch, dtype))
-    out["torch_matmul_flops"] = 2 * 2048**3 / _time(lambda: ta @ ta, 5)
+    out["torch_matmul_flops"] = 2 * 2048**3 / median_seconds(lambda: ta @ ta, 5)
   except ImportError:
     pass
   return out
@@ -69,7 +58,7 @@ def main(argv=None):
   graphdef, state = nnx.split(model)
   fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
   x = jnp.asarray(tokens)
-  t_ours = _time(lambda: fwd(state, x).block_until_ready(), args.repeats)
+  t_ours = median_seconds(lambda: fwd(state, x).block_until_ready(), args.repeats)
   result = {
       "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "model": config.name,
       "layers": config.num_layers, "dtype": dtype, "batch": args.batch, "seq": args.seq,
@@ -89,7 +78,7 @@ def main(argv=None):
         with torch.no_grad():
           return ref(tt).logits
 
-      t_torch = _time(torch_forward, args.repeats)
+      t_torch = median_seconds(torch_forward, args.repeats)
       with torch.no_grad():
         diff = float(np.abs(ref(tt).logits.float().numpy() - np.asarray(fwd(state, x))).max())
       result.update({"transformers_tokens_per_s": n_tokens / t_torch, "transformers_flops_per_s": flops / t_torch,

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -20,21 +18,12 @@ import numpy as np
 from flax import nnx
 
 from rrjax import hardware, sharding
+from rrjax.bench import median_seconds
 from rrjax.bench import peer
 from rrjax.model.qwen2 import Qwen2, Qwen2Config
 from rrjax.train import optim, sft
 from rrjax.train import state as state_lib
 from rrjax.train.config import OptimizerConfig
-
-
-def _median_time(fn, repeats):
-  fn()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
 
 
 def main(argv=None):
@@ -75,7 +64,7 @@ def main(argv=None):
       holder["state"], m = step(holder["state"], device_batch)
     jax.block_until_ready(m)
 
-  t_ours = _median_time(ours, args.repeats)
+  t_ours = median_seconds(ours, args.repeats)
   flops = 3 * config.forward_flops(B, T)
   peak, peak_source = hardware.peak_flops()
   peak *= jax.device_count()
@@ -102,7 +91,7 @@ def main(argv=None):
         loss.backward()
         opt.step()
 
-      t_torch = _median_time(theirs, args.repeats)
+      t_torch = median_seconds(theirs, args.repeats)
       result.update({"transformers_tokens_per_s": B * T / t_torch, "transformers_flops_per_s": flops / t_torch,
                      "transformers_mfu": flops / t_torch / peak, "speedup_vs_transformers": t_torch / t_ours,
                      "torch_threads": torch.get_num_threads()})

@@ -100,9 +100,6 @@ class _SafetensorsDir:
         raise CheckpointError(f"{f}: shard named in the index is missing")
     self._open = {}
 
-  def __contains__(self, name):
-    return name in self.files
-
   def get(self, name: str, expected_shape: tuple[int, ...]) -> np.ndarray:
     if name not in self.files:
       raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
@@ -149,8 +146,7 @@ def from_tensors(config: Qwen2Config, get: Callable[[str, tuple[int, ...]], np.n
   straight onto its sharding (only the slices this host's devices hold are materialised)."""
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Qwen2(config, rngs=nnx.Rngs(0))))
   if mesh is None:
-    mesh = jax.make_mesh((1, 1, 1), sharding_lib.MESH_AXES, devices=jax.local_devices()[:1],
-                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig(data=1), devices=jax.local_devices()[:1])
   shardings = sharding_lib.state_shardings(abstract, mesh)
   np_dtype = np.dtype(jnp.dtype(config.param_dtype))
 
@@ -242,26 +238,34 @@ def _save_hf(model: Qwen2, path: Path, *, dtype: str | None, max_shard_bytes: in
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
   try:
-    shards, current, current_bytes = [], {}, 0
+    # Each shard is written as soon as it is full, so host memory holds at most one shard; the final
+    # names need the shard count, so they are given once every shard is on disk.
+    shard_names: list[list[str]] = []
+    current, current_bytes, total = {}, 0, 0
+
+    def flush():
+      nonlocal current, current_bytes
+      safetensors.numpy.save_file(current, tmp / f"shard-{len(shard_names)}", metadata={"format": "pt"})
+      shard_names.append(list(current))
+      current, current_bytes = {}, 0
+
     for name, array in hf_tensors(model, dtype):
       if current and current_bytes + array.nbytes > max_shard_bytes:
-        shards.append(current)
-        current, current_bytes = {}, 0
+        flush()
       current[name] = np.ascontiguousarray(array)
       current_bytes += array.nbytes
+      total += array.nbytes
       if current_bytes >= max_shard_bytes:
-        shards.append(current)
-        current, current_bytes = {}, 0
+        flush()
     if current:
-      shards.append(current)
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-      file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-      safetensors.numpy.save_file(shard, tmp / file, metadata={"format": "pt"})
-      weight_map.update({name: file for name in shard})
-      total += sum(a.nbytes for a in shard.values())
-      shard.clear()
-    if len(shards) > 1:
+      flush()
+    n = len(shard_names)
+    weight_map = {}
+    for i, names in enumerate(shard_names):
+      file = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+      os.replace(tmp / f"shard-{i}", tmp / file)
+      weight_map.update({name: file for name in names})
+    if n > 1:
       index = {"metadata": {"total_size": total}, "weight_map": weight_map}
       (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     c = model.config

@@ -43,6 +43,10 @@ REMAT_POLICIES = {
 }
 
 
+# The run-time policy fields of Qwen2Config (everything else is architecture).
+POLICY_FIELDS = ("param_dtype", "dtype", "attention", "scan_layers", "remat")
+
+
 @dataclasses.dataclass(frozen=True)
 class Qwen2Config:
   """Architecture plus run-time policy (dtypes, attention kernel, scan, remat)."""
@@ -87,6 +91,10 @@ class Qwen2Config:
 
   def replace(self, **kwargs) -> Qwen2Config:
     return dataclasses.replace(self, **kwargs)
+
+  def policy(self) -> dict[str, Any]:
+    """The dtype/kernel/scan/remat settings, to carry onto another checkpoint's architecture."""
+    return {f: getattr(self, f) for f in POLICY_FIELDS}
 
   # ---- presets (Instruct values; see assets/qwen2.5_instruct_configs.json) ----
 

@@ -29,7 +29,7 @@ from rrjax.model.qwen2 import Qwen2Config
 from rrjax.ranking import reward as reward_lib
 from rrjax.train import optim
 from rrjax.train.config import GRPOConfig, TrainConfig
-from rrjax.train.state import TrainState
+from rrjax.train.state import TrainState, apply_gradients
 
 
 # ---------------------------------------------------------------- the math (pure, tested against NumPy)
@@ -118,7 +118,6 @@ class GRPOTrainer:
     self.use_reference = g.kl_coef > 0
     self.lora = bool(config.lora.rank)
     self.ref_params = None
-    self._update = None
 
   # -- loop interface
 
@@ -131,6 +130,8 @@ class GRPOTrainer:
 
   def bind(self, lay) -> None:
     self.lay = lay
+    self._update = jax.jit(make_update(lay.graphdef, self.tx, self.lr_schedule, self.grpo, self.lora),
+                           donate_argnums=(0,))
     if self.use_reference and not self.lora:
       from rrjax.train import loop  # the reference is the starting policy, rebuilt exactly
       model = loop.build_model(self.config, self.model_cfg, self.mesh)
@@ -155,7 +156,6 @@ class GRPOTrainer:
     batch = self._sequences(rollout_prompts, gen, adv.reshape(-1))
     n_mini = g.updates_per_step
     size = len(rollout_prompts) // n_mini
-    update = self._compiled_update()
     metrics_sum: dict[str, float] = {}
     with jax.set_mesh(self.mesh):
       shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -163,7 +163,7 @@ class GRPOTrainer:
       for m in range(n_mini):
         mini = jax.device_put({k: v[m * size:(m + 1) * size] for k, v in batch.items()},
                               NamedSharding(self.mesh, spec))
-        state, metrics = update(state, self.ref_params, mini)
+        state, metrics = self._update(state, self.ref_params, mini)
         for k, v in jax.device_get(metrics).items():
           metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) / n_mini
     lengths = np.asarray(gen.lengths, np.float32)
@@ -196,12 +196,6 @@ class GRPOTrainer:
     return {"tokens": tokens, "segment_ids": segments, "mask": mask, "old_logp": old_logp,
             "adv": adv_N.astype(np.float32)}
 
-  def _compiled_update(self):
-    if self._update is None:
-      self._update = jax.jit(make_update(self.lay.graphdef, self.tx, self.lr_schedule, self.grpo, self.lora),
-                             donate_argnums=(0,))
-    return self._update
-
 
 def make_update(graphdef, tx, lr_schedule, g: GRPOConfig, lora: bool):
   """One optimizer update on a mini-batch of rollouts: the clipped surrogate plus beta * k3 KL."""
@@ -227,10 +221,7 @@ def make_update(graphdef, tx, lr_schedule, g: GRPOConfig, lora: bool):
 
   def update(state: TrainState, ref_params, mb):
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.frozen, ref_params, mb)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state.step), **aux}
-    return TrainState(state.step + 1, params, state.frozen, opt_state, rng), metrics
+    return apply_gradients(state, grads, tx), metrics
 
   return update

@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from rrjax import checkpoints as pretrained
 from rrjax import sharding as sharding_lib
 from rrjax import tokenizer as tokenizer_lib
 from rrjax.model import hf
@@ -31,9 +32,6 @@ from rrjax.train import state as state_lib
 from rrjax.train.config import TrainConfig
 
 log = logging.getLogger("rrjax.train")
-
-POLICY_FIELDS = ("param_dtype", "dtype", "attention", "scan_layers", "remat")
-
 
 class TrainingDiverged(ValueError):
   pass
@@ -56,12 +54,7 @@ def model_config(config: TrainConfig) -> Qwen2Config:
   """The architecture of `init_from` when given (with this run's dtype/kernel/remat policy), else config.model."""
   if not config.init_from:
     return config.model
-  policy = {f: getattr(config.model, f) for f in POLICY_FIELDS}
-  path = Path(config.init_from)
-  if (path / "config.json").exists():
-    return hf.load_config(path, **policy)
-  meta = checkpoint_lib.Checkpointer(path, read_only=True).meta()
-  return Qwen2Config.from_hf_dict(meta["model"], source=str(path), **policy)
+  return pretrained.load_config(config.init_from, **config.model.policy())
 
 
 def model_constructor(config: TrainConfig, model_cfg: Qwen2Config) -> Callable[[], nnx.Module]:
@@ -74,7 +67,6 @@ def build_model(config: TrainConfig, model_cfg: Qwen2Config, mesh: Mesh) -> nnx.
   """The starting weights: random (created sharded) or imported from `init_from`, then LoRA if asked."""
   if not config.init_from:
     return sharding_lib.create_sharded(model_constructor(config, model_cfg), mesh)
-  from rrjax import checkpoints as pretrained
   model = pretrained.load(config.init_from, mesh=mesh, config=model_cfg)
   if config.lora.rank:
     with jax.set_mesh(mesh):
@@ -84,7 +76,7 @@ def build_model(config: TrainConfig, model_cfg: Qwen2Config, mesh: Mesh) -> nnx.
 
 
 def checkpoint_meta(config: TrainConfig, model_cfg: Qwen2Config) -> dict:
-  return {"model": model_cfg.to_hf_dict(), "policy": {f: getattr(model_cfg, f) for f in POLICY_FIELDS},
+  return {"model": model_cfg.to_hf_dict(), "policy": model_cfg.policy(),
           "lora": dataclasses.asdict(config.lora), "trainer": config.trainer}
 
 

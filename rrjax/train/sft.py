@@ -22,7 +22,7 @@ from rrjax.data import builders, pipeline
 from rrjax.model.qwen2 import Qwen2Config
 from rrjax.train import optim
 from rrjax.train.config import TrainConfig
-from rrjax.train.state import TrainState
+from rrjax.train.state import TrainState, apply_gradients
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -59,12 +59,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, gra
     (loss_sum, count, grads), _ = jax.lax.scan(accumulate, (jnp.float32(0), jnp.float32(0), zeros), micro)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
     metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state.step),
                "tokens": count}
-    return TrainState(state.step + 1, params, state.frozen, opt_state, rng), metrics
+    return apply_gradients(state, grads, tx), metrics
 
   return step
 
@@ -108,7 +105,6 @@ class SFTTrainer:
     self.batch_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     self.flops_per_token = 3 * model_cfg.forward_flops(1, config.sft_data.seq_len) / config.sft_data.seq_len
     self.peak_flops = hardware.peak_flops()[0] * jax.device_count()
-    self._step = None
 
   def _iterator(self, num_epochs):
     c = self.config
@@ -127,21 +123,15 @@ class SFTTrainer:
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local[k], np.int32))
             for k in pipeline.BATCH_KEYS}
 
-  def compiled_step(self, graphdef, state_shardings):
-    if self._step is None:
-      step = make_train_step(graphdef, self.tx, self.lr_schedule, self.config.grad_accum)
-      self._step = jax.jit(step, in_shardings=(state_shardings, self.batch_sharding),
-                           out_shardings=(state_shardings, None), donate_argnums=(0,))
-    return self._step
-
   def bind(self, lay) -> None:
     """Receives the state layout (graphdef and shardings) from the loop before the first step."""
-    self._graphdef, self._shardings = lay.graphdef, lay.shardings
+    step = make_train_step(lay.graphdef, self.tx, self.lr_schedule, self.config.grad_accum)
+    self._step = jax.jit(step, in_shardings=(lay.shardings, self.batch_sharding),
+                         out_shardings=(lay.shardings, None), donate_argnums=(0,))
 
   def step(self, state: TrainState, batch: dict[str, np.ndarray]):
-    step = self.compiled_step(self._graphdef, self._shardings)
     with jax.set_mesh(self.mesh):
-      new_state, metrics = step(state, self.global_batch(batch))
+      new_state, metrics = self._step(state, self.global_batch(batch))
     tokens = int(np.asarray(batch["segment_ids"] > 0).sum()) * jax.process_count()
     metrics = dict(metrics)
     metrics["seq_tokens"] = tokens

@@ -99,5 +99,13 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, lay: StateLa
   return TrainState(step, params, frozen, opt_state, rng)
 
 
+def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformation) -> TrainState:
+  """One optimizer update of the trainable params; the step counts updates and the RNG advances."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+  return TrainState(state.step + 1, params, state.frozen, opt_state, rng)
+
+
 def model_from_state(lay: StateLayout, state: TrainState) -> nnx.Module:
   return nnx.merge(lay.graphdef, state.params, state.frozen)
