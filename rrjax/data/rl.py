@@ -226,14 +226,8 @@ def from_record(record: Any, path: PathLike, where, tokenizer) -> RLRow:
 
 def read_rl_jsonl(path: PathLike, *, tokenizer=None) -> Iterator[RLRow]:
   """RL rows from jsonl, lazily; bad JSON or a bad field raises a one-line `file:line` error."""
-  from rrjax.data.trec import _lines
-  for n, line in _lines(path):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise TrecFormatError(path, n, f"bad JSON: {e.msg} (column {e.colno})") from None
+  from rrjax.data.trec import json_lines
+  for n, record in json_lines(path):
     yield from_record(record, path, n, tokenizer)
 
 

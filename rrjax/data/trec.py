@@ -119,7 +119,8 @@ def read_qrels(path: PathLike, skip_malformed: bool = False) -> TrecDict:
   return qrels
 
 
-def _json_lines(path: PathLike) -> Iterator[tuple[int, dict]]:
+def json_lines(path: PathLike) -> Iterator[tuple[int, dict]]:
+  """(line number, object) of a jsonl file (gz accepted); blank lines skipped, errors name file:line."""
   for n, line in _lines(path):
     if not line.strip():
       continue
@@ -149,7 +150,7 @@ def read_topics(path: PathLike) -> dict[str, str]:
   topics: dict[str, str] = {}
   if _is_jsonl(path):
     rows = ((n, _field(path, n, o, QUERY_ID_FIELDS, "query id"),
-             _field(path, n, o, QUERY_TEXT_FIELDS, "query text")) for n, o in _json_lines(path))
+             _field(path, n, o, QUERY_TEXT_FIELDS, "query text")) for n, o in json_lines(path))
   else:
     rows = _tsv_topics(path)
   for n, qid, query in rows:
@@ -187,7 +188,7 @@ def read_corpus(path: PathLike) -> dict[str, dict[str, str]]:
   (upstream's precedence), so `doc_content(corpus[docid])` gives upstream's passage string.
   """
   corpus: dict[str, dict[str, str]] = {}
-  for n, obj in _json_lines(path):
+  for n, obj in json_lines(path):
     docid = _field(path, n, obj, ID_FIELDS, "document id")
     text = _field(path, n, obj, TEXT_FIELDS, "text")
     if docid in corpus:
