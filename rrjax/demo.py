@@ -1,98 +1,264 @@
-"""The README's main job, grown as capabilities land.
+"""`python -m rrjax.demo`: the ReasonRank recipe end to end on the embedded synthetic task, on a laptop CPU.
 
-Today: build a tiny random Qwen2.5-architecture model (or load --model), build a real ReasonRank listwise
-prompt with the bundled Qwen2.5 tokenizer, run the model over it, decode greedily with the compiled
-KV-cache decoder and parse the completion with upstream's parser, export the model to Hugging Face format,
-reload the export (with rrjax, and with transformers when it is installed) and show that the logits agree.
-A random model ranks nothing: this proves the plumbing, not quality.
+  1. synthesize: the programmatic teacher labels the task (pointwise positives, a listwise reasoning chain
+     and ranking per query, the self-consistency filter) into upstream's formats (OUT/data);
+  2. a small BPE tokenizer in Qwen2.5's layout, trained on the SFT text (OUT/tokenizer), so that a tiny
+     model's output layer is not 152k wide;
+  3. SFT of a small Qwen2-architecture model from random weights (OUT/sft);
+  4. GRPO from the SFT weights with ReasonRank's multi-view reward (OUT/grpo);
+  5. sliding-window reranking of the held-out queries with `python -m rrjax.rerank` after SFT and after
+     SFT+GRPO, and nDCG@10 of the first stage, SFT and SFT+GRPO (OUT/rerank, OUT/summary.json);
+  6. the final model as a Hugging Face checkpoint (OUT/grpo/hf), reloaded by transformers when installed
+     to show that the logits agree;
+  7. PNG plots of the SFT loss, the GRPO reward and the three nDCG@10 values (OUT/demo.png).
+
+Settings live in configs/demo.gin (`--gin_file`, `--gin_param`). Running again with the same --out
+resumes: finished stages are reused, so a different config needs a different --out. A tiny model trained
+for minutes proves the machinery, not ReasonRank's quality: that needs Qwen2.5 weights and accelerators.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util  # noqa: F401  gin 0.5.0 needs it loaded before relative includes
 import json
+import os
 import time
 from pathlib import Path
+from typing import Any, Mapping
 
-import numpy as np
+import gin
 
-QUERY = "which metal is liquid at room temperature [and why]?"
-PASSAGES = [
-    {"title": "Gallium", "text": "Gallium melts at 29.76 °C, just above room temperature."},
-    "Mercury is the only metal that is liquid at standard conditions; its 6s electrons are held tightly "
-    "(relativistic contraction), so metallic bonding is weak.",
-    {"text": "Iron melts at 1538 &deg;C and is solid at room temperature."},
-]
+from rrjax import cli
+from rrjax.synth.task import TaskConfig
+from rrjax.train import __main__ as train_entry
+from rrjax.train.config import TrainConfig
+
+DEFAULT_GIN = "configs/demo.gin"
+STAGES = (("first_stage", "first stage (lexical TF-IDF)"), ("sft", "after SFT"), ("grpo", "after SFT + GRPO"))
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m rrjax.demo", description=__doc__)
-  parser.add_argument("--model", help="a Hugging Face Qwen2 directory (default: a tiny random model)")
-  parser.add_argument("--out", default="runs/demo", help="where the exported HF directory goes")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--new-tokens", type=int, default=24)
-  args = parser.parse_args(argv)
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+  task: TaskConfig = TaskConfig()
+  tokenizer_vocab: int = 1024
+  sft: TrainConfig = TrainConfig(trainer="sft")
+  grpo: TrainConfig = TrainConfig(trainer="grpo")
+  rerank: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # RerankSettings fields
+  alpha: float = 0.4  # the self-consistency filter's NDCG@10 threshold
 
-  import jax
+
+def _register():
+  from rrjax import rerank
+  rerank._gin_factory()  # registers RerankSettings
+  gin.external_configurable(TaskConfig, module="rrjax.synth")
+  return gin.external_configurable(DemoConfig, module="rrjax.demo")
+
+
+def parse_config(gin_files, gin_params) -> tuple[DemoConfig, str]:
+  """The DemoConfig from gin, and gin's text of it (kept in OUT to refuse resuming a different config)."""
+  factory = _register()
+  gin.clear_config()
+  root = Path(__file__).resolve().parents[1]
+  for d in (Path.cwd(), root, root / "configs"):
+    gin.add_config_file_search_path(str(d))
+  files = [f if Path(f).exists() else str(root / f) for f in gin_files]
+  for given, f in zip(gin_files, files):
+    if not Path(f).exists():
+      raise FileNotFoundError(f"{given}: gin file not found")
+  try:
+    gin.parse_config_files_and_bindings(files, list(gin_params), finalize_config=False)
+    config = factory()
+  except (ValueError, TypeError, KeyError) as e:  # gin's messages name the file and line
+    raise ValueError(f"gin: {' '.join(str(e).split())}") from None
+  for name, trainer in (("sft", "sft"), ("grpo", "grpo")):
+    if getattr(config, name).trainer != trainer:
+      raise ValueError(f"gin: DemoConfig.{name} must have trainer {trainer!r}")
+  return config, gin.config_str()
+
+
+# ---------------------------------------------------------------- stages
+
+
+def synthesize(config: DemoConfig, out: Path) -> dict:
+  from rrjax import tokenizer as tokenizer_lib
+  from rrjax.synth import task as task_lib
+  from rrjax.synth.inputs import synthesize_task
+  from rrjax.synth.pipeline import SynthConfig
+  from rrjax.synth.teachers import ProgrammaticTeacher
+
+  task = task_lib.generate(config.task)
+  report = synthesize_task(task, out, ProgrammaticTeacher(), tokenizer_lib.load(), SynthConfig(alpha=config.alpha))
+  return report
+
+
+def small_tokenizer(sft_json: Path, out: Path, vocab_size: int):
+  """Trains the demo's tokenizer once; a resumed demo must keep the one its checkpoints were trained with."""
+  from rrjax import tokenizer as tokenizer_lib
+  if (out / "tokenizer.json").exists():
+    return tokenizer_lib.load(out)
+  rows = json.loads(sft_json.read_text())
+  texts = [f"{r['system']}\n{r['instruction']}\n{r['output']}" for r in rows]
+  tmp = out.with_name(out.name + ".tmp")
+  tokenizer_lib.train_small(texts, tmp, vocab_size=vocab_size)
+  os.replace(tmp, out)
+  return tokenizer_lib.load(out)
+
+
+def train(config: TrainConfig, operative: str) -> None:
+  from rrjax.train import loop
+  loop.run(config, train_entry.trainers()[config.trainer], operative_config=operative)
+
+
+def rerank_heldout(model_dir: Path, data: Path, settings: Mapping[str, Any], out: Path) -> dict:
+  """`python -m rrjax.rerank` over the held-out split; returns its report's metrics."""
+  from rrjax import rerank
+  test = data / "test"
+  argv = ["--model", str(model_dir), "--run", str(test / "run.lexical.txt"), "--queries", str(test / "topics.tsv"),
+          "--corpus", str(test / "corpus.jsonl"), "--qrels", str(test / "qrels.txt"), "--out", str(out),
+          "--no-progress"]
+  for name, value in settings.items():
+    argv += ["--gin_param", f"RerankSettings.{name} = {value!r}"]
+  rerank.main(argv)
+  return json.loads(rerank.report_path(out).read_text())["metrics"]
+
+
+def compare_with_transformers(hf_dir: Path, prompt_ids: list[int]) -> dict[str, float]:
+  """Largest logit difference between rrjax's and transformers' loads of the export (fp32)."""
   import jax.numpy as jnp
-  from flax import nnx
+  import numpy as np
 
   import rrjax
-  from rrjax import ranking, tokenizer as tokenizer_lib
-  from rrjax.model.qwen2 import Qwen2, Qwen2Config
-
-  t0 = time.time()
-  if args.model:
-    model = rrjax.from_pretrained(args.model)
-    tok = tokenizer_lib.load(args.model)
-  else:
-    model = Qwen2(Qwen2Config.tiny(), rngs=nnx.Rngs(args.seed))
-    tok = tokenizer_lib.load()
-  config = model.config
-  print(f"model: {config.name}: {config.param_count() / 1e6:.1f}M parameters, {config.num_layers} layers, "
-        f"{jax.device_count()} {jax.default_backend()} device(s)")
-
-  prompt = ranking.build_prompt(QUERY, PASSAGES, tok, max_passage_tokens=512)
-  ids = tok.encode(prompt)
-  print(f"ReasonRank prompt: {len(PASSAGES)} passages, {len(ids)} tokens; it ends with:")
-  print("  " + prompt[-160:].replace("\n", "\n  "))
-  logits = np.asarray(jax.jit(lambda g, s, x: nnx.merge(g, s)(x))(*nnx.split(model), jnp.asarray([ids])))
-  top = int(logits[0, -1].argmax())
-  print(f"next token after the prompt: {top} {tok.decode([top])!r}")
-  generation = rrjax.generate(model, [ids], max_new_tokens=args.new_tokens, stop_ids=tok.stop_ids)
-  assert generation.tokens[0][0] == top, "the decoder's first greedy token differs from the forward pass"
-  completion = tok.decode(generation.tokens[0])
-  perm, source = ranking.parse_permutation_with_source(completion, len(PASSAGES))
-  print(f"greedy completion ({generation.lengths[0]} tokens, {generation.finish_reasons[0]}): {completion[:80]!r}")
-  print(f"parsed ranking ({source}): " + " > ".join(f"[{i + 1}]" for i in perm))
-
-  out = Path(args.out) / "hf"
-  rrjax.save_pretrained(model, out, tokenizer=tok)
-  files = sorted(p.name for p in out.iterdir())
-  print(f"exported to {out}: {', '.join(files)}")
-
-  reloaded = rrjax.from_pretrained(out, dtype=config.param_dtype)
-  again = np.asarray(reloaded(jnp.asarray([ids])))
-  report = {"prompt_tokens": len(ids), "rrjax_reload_max_abs_diff": float(np.abs(again - logits).max())}
+  ours = np.asarray(rrjax.from_pretrained(hf_dir, dtype="float32")(jnp.asarray([prompt_ids])))
   try:
     import torch
     import transformers
   except ImportError:
-    print("transformers is not installed: compared with the rrjax reload only")
-  else:
-    ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    with torch.no_grad():
-      theirs = ref(torch.tensor([ids])).logits.numpy()
-    report["transformers_max_abs_diff"] = float(np.abs(theirs - logits).max())
-  report["seconds"] = round(time.time() - t0, 1)
-  print(json.dumps(report, indent=2))
-  worst = max(v for k, v in report.items() if k.endswith("diff"))
-  tolerance = 1e-4 if config.dtype == "float32" else 5e-2
-  print("logits agree" if worst <= tolerance else f"LOGITS DIFFER by {worst}")
-  return 0 if worst <= tolerance else 1
+    return {}
+  ref = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+  with torch.no_grad():
+    theirs = ref(torch.tensor([prompt_ids])).logits.numpy()
+  return {"transformers_max_abs_logit_diff": float(np.abs(theirs - ours).max())}
+
+
+def plot(out: Path, sft_dir: Path, grpo_dir: Path, ndcg: Mapping[str, float]) -> Path:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  from rrjax.train.logger import read_metrics
+
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+  for ax, run_dir, key, title in ((axes[0], sft_dir, "loss", "SFT loss (response tokens)"),
+                                  (axes[1], grpo_dir, "reward_mean", "GRPO reward (rollout mean)")):
+    records = [r for r in read_metrics(run_dir) if key in r]
+    ax.plot([r["step"] for r in records], [r[key] for r in records])
+    ax.set_title(title)
+    ax.set_xlabel("step")
+  axes[0].set_yscale("log")
+  labels = [label.replace(" (lexical TF-IDF)", "") for _, label in STAGES]
+  values = [ndcg[name] for name, _ in STAGES]
+  bars = axes[2].bar(labels, values, color=["#999999", "#4c72b0", "#dd8452"])
+  axes[2].bar_label(bars, fmt="%.3f")
+  axes[2].set_ylim(0, 1)
+  axes[2].set_title("held-out nDCG@10")
+  fig.tight_layout()
+  path = out / "demo.png"
+  tmp = out / "demo.tmp.png"
+  fig.savefig(tmp, dpi=90)
+  plt.close(fig)
+  os.replace(tmp, path)
+  return path
+
+
+# ---------------------------------------------------------------- main
+
+
+def run(config: DemoConfig, operative: str, out: Path) -> dict:
+  from rrjax.data import rl as rl_data
+  from rrjax.data import trec
+
+  out.mkdir(parents=True, exist_ok=True)
+  saved = out / "demo_config.gin"
+  if saved.exists() and saved.read_text() != operative:
+    raise ValueError(f"{saved}: {out} was made with a different configuration; use another --out or delete it")
+  with trec.atomic_open(saved) as f:
+    f.write(operative)
+  seconds: dict[str, float] = {}
+  clock = [time.perf_counter()]
+
+  def stage(name: str, message: str) -> None:
+    now = time.perf_counter()
+    seconds[name] = round(now - clock[0], 1)
+    clock[0] = now
+    print(f"rrjax.demo: {message} ({seconds[name]} s)", flush=True)
+
+  data = out / "data"
+  synth = synthesize(config, data)
+  kept, total = synth["train"]["labelled"]["kept"], synth["train"]["labelled"]["queries"]
+  stage("synthesize", f"synthesized {total} training queries ({kept} kept by the self-consistency filter) and "
+        f"{len(json.loads((data / 'test' / 'sft.json').read_text()))} held-out queries into {data}")
+  tok = small_tokenizer(data / "train" / "sft.json", out / "tokenizer", config.tokenizer_vocab)
+  vocab = -(-len(tok) // 64) * 64
+  stage("tokenizer", f"small BPE tokenizer: {len(tok)} tokens (model vocabulary {vocab})")
+
+  sft_dir, grpo_dir = out / "sft", out / "grpo"
+  sft = dataclasses.replace(
+      config.sft, run_dir=str(sft_dir), tokenizer=str(out / "tokenizer"), init_from=None,
+      model=dataclasses.replace(config.sft.model, vocab_size=vocab),
+      sft_data=dataclasses.replace(config.sft.sft_data, train_files=(str(data / "train" / "sft.json"),)))
+  train(sft, operative)
+  stage("sft", f"SFT: {sft.num_steps} steps -> {sft_dir}")
+  ndcg_sft = rerank_heldout(sft_dir, data, config.rerank, out / "rerank" / "sft.trec")
+  stage("rerank_sft", "reranked the held-out queries after SFT")
+
+  grpo = dataclasses.replace(
+      config.grpo, run_dir=str(grpo_dir), init_from=str(sft_dir), tokenizer=None,
+      rl_data=dataclasses.replace(config.grpo.rl_data, train_files=(str(data / "train" / "rl.jsonl"),)))
+  train(grpo, operative)
+  stage("grpo", f"GRPO: {grpo.num_steps} steps -> {grpo_dir}")
+  ndcg_grpo = rerank_heldout(grpo_dir, data, config.rerank, out / "rerank" / "grpo.trec")
+  stage("rerank_grpo", "reranked the held-out queries after SFT + GRPO")
+
+  ndcg = {"first_stage": ndcg_sft["first_stage"]["ndcg@10"], "sft": ndcg_sft["reranked"]["ndcg@10"],
+          "grpo": ndcg_grpo["reranked"]["ndcg@10"]}
+  first_heldout = next(rl_data.read_rl_jsonl(data / "test" / "rl.jsonl", tokenizer=tok))
+  parity = compare_with_transformers(grpo_dir / "hf", tok.encode(first_heldout.prompt))
+  png = plot(out, sft_dir, grpo_dir, ndcg)
+  stage("export_and_plots", f"exported {grpo_dir / 'hf'}, plots in {png}")
+
+  summary = {"heldout_ndcg10": ndcg, "gain_over_first_stage": ndcg["grpo"] - ndcg["first_stage"],
+             "heldout_queries": ndcg_sft["num_queries"], "rerank": dict(config.rerank),
+             "hf_checkpoint": str(grpo_dir / "hf"), "plots": str(png), **parity, "seconds": seconds,
+             "total_seconds": round(sum(seconds.values()), 1)}
+  with trec.atomic_open(out / "summary.json") as f:
+    json.dump(summary, f, indent=1)
+  r = config.rerank
+  print(f"\nheld-out nDCG@10 ({summary['heldout_queries']} queries; top {r.get('top_k')} reranked with windows of "
+        f"{r.get('window')}, stride {r.get('stride')}):")
+  for name, label in STAGES:
+    print(f"  {label:<30} {ndcg[name]:.4f}")
+  if parity:
+    diff = parity["transformers_max_abs_logit_diff"]
+    print(f"transformers reloads {grpo_dir / 'hf'}: largest logit difference {diff:.2e} "
+          f"({'logits agree' if diff <= 1e-4 else 'LOGITS DIFFER'})")
+  print(f"total {summary['total_seconds']} s; summary in {out / 'summary.json'}")
+  return summary
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m rrjax.demo", description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default="runs/demo", help="the demo's directory (rerunning resumes it)")
+  parser.add_argument("--gin_file", action="append", default=None, help=f"gin file(s) (default {DEFAULT_GIN})")
+  parser.add_argument("--gin_param", action="append", default=[], help="e.g. 'sft/TrainConfig.num_steps = 900'")
+  args = parser.parse_args(argv)
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's notes on opening checkpoints read-only
+  config, operative = parse_config(args.gin_file or [DEFAULT_GIN], args.gin_param)
+  summary = run(config, operative, Path(args.out))
+  return 0 if summary.get("transformers_max_abs_logit_diff", 0.0) <= 1e-4 else 1
 
 
 if __name__ == "__main__":
-  from rrjax import cli
-
   cli.run(main, prog="rrjax.demo")

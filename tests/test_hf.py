@@ -43,6 +43,24 @@ def test_export_loads_in_transformers_with_same_logits(model, exported):
                              atol=1e-5, rtol=0)
   tok = transformers.AutoTokenizer.from_pretrained(exported)
   assert tok.eos_token_id == 151645
+  config = json.loads((exported / "config.json").read_text())
+  generation = json.loads((exported / "generation_config.json").read_text())
+  assert (config["bos_token_id"], config["eos_token_id"]) == (151643, 151645)
+  assert generation["eos_token_id"] == [151645, 151643] and generation["pad_token_id"] == 151643
+
+
+def test_export_with_a_small_tokenizer_takes_its_special_ids(tmp_path):
+  from train_fixtures import small_tokenizer, tiny_config
+  tok = small_tokenizer(tmp_path / "tok")
+  small = Qwen2(tiny_config(vocab_size=-(-len(tok) // 64) * 64), rngs=nnx.Rngs(0))
+  out = rrjax.save_pretrained(small, tmp_path / "hf", tokenizer=tok)
+  config = json.loads((out / "config.json").read_text())
+  generation = json.loads((out / "generation_config.json").read_text())
+  end_of_text = tok.token_to_id("<|endoftext|>")
+  assert (config["bos_token_id"], config["eos_token_id"]) == (end_of_text, tok.eos_token_id)
+  assert generation["eos_token_id"] == [tok.eos_token_id, end_of_text] and generation["pad_token_id"] == end_of_text
+  assert max(config["bos_token_id"], config["eos_token_id"]) < config["vocab_size"]
+  assert rrjax.from_pretrained(out).config.eos_token_id == tok.eos_token_id
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -158,7 +176,7 @@ def test_cli_bad_checkpoint_one_line_nonzero_exit(tmp_path):
   d = json.loads((path / "config.json").read_text())
   del d["hidden_size"]
   (path / "config.json").write_text(json.dumps(d))
-  proc = subprocess.run([sys.executable, "-m", "rrjax.demo", "--model", str(path), "--out", str(tmp_path / "o")],
+  proc = subprocess.run([sys.executable, "-m", "rrjax.export", "--checkpoint", str(path), "--out", str(tmp_path / "o")],
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0
   lines = proc.stderr.strip().splitlines()

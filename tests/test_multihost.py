@@ -266,8 +266,8 @@ def test_initialize_is_a_no_op_on_one_host(clean_env):
 def test_launch_scripts_pass_shellcheck():
   if shutil.which("shellcheck") is None:
     pytest.skip("shellcheck is not installed")
-  scripts = sorted(p for p in (ROOT / "launch").iterdir() if p.suffix in (".sh", ".sbatch"))
-  assert {p.name for p in scripts} >= {"tpu_pod.sh", "slurm_gpu.sbatch"}
+  scripts = sorted(p for d in ("launch", "scripts") for p in (ROOT / d).iterdir() if p.suffix in (".sh", ".sbatch"))
+  assert {p.name for p in scripts} >= {"tpu_pod.sh", "slurm_gpu.sbatch", "setup.sh", "gpu_bench.sh"}
   proc = subprocess.run(["shellcheck", "--shell=bash", *map(str, scripts)], capture_output=True, text=True,
                         timeout=120)
   assert proc.returncode == 0, proc.stdout + proc.stderr

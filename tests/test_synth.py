@@ -440,7 +440,7 @@ def test_writers_round_trip_through_the_sft_and_rl_readers(tmp_path, tokenizer):
   assert [(e.prompt, e.target) for e in from_jsonl] == [(e.prompt, e.target) for e in from_sft]
   assert [e.metadata["final_list"] for e in from_jsonl] == [list(s.final_list) for s in samples]
   assert [e.metadata["relevant_docids"] for e in from_jsonl] == [list(s.relevant_docids) for s in samples]
-  assert from_sft[0].target.startswith("<think>[1] ") and "</think> <answer>[" in from_sft[0].target
+  assert from_sft[0].target.startswith("<think>Relevant if cost ") and "</think> <answer>[" in from_sft[0].target
   for fmt in ("rl_parquet", "rl_jsonl"):
     rows = read_rl(paths[fmt], tokenizer=tokenizer)
     assert [r.prompt for r in rows] == [e.prompt for e in from_jsonl]
@@ -514,3 +514,14 @@ def test_cli_chat_teacher_on_trec_files_resumes(server_factory, key_env, tmp_pat
   assert [len(r["initial_list"]) for r in rows] == [8] * kept and {r["dataset"] for r in rows} == {"mine"}
   assert synth_main(argv) == 0  # the rerun is served from OUT/cache
   assert len(server.requests) == 27
+
+
+def test_heldout_pools_can_be_larger_than_one_window():
+  cfg = task_lib.TaskConfig(seed=3, num_train=5, num_test=5, passages_per_query=6, test_passages_per_query=12)
+  task = task_lib.generate(cfg)
+  assert {len(q.passages) for q in task.split("train")} == {6}
+  assert {len(q.passages) for q in task.split("test")} == {12}
+  # The training split does not depend on the held-out pool size.
+  assert task_lib.generate(dataclasses.replace(cfg, test_passages_per_query=None)).split("train") == task.split("train")
+  with pytest.raises(ValueError, match="test_passages_per_query"):
+    task_lib.TaskConfig(max_relevant=3, test_passages_per_query=3)

@@ -80,10 +80,11 @@ def main(argv=None):
         f"decode {ours_step * 1e3:.2f} ms/step = {B / ours_step:,.0f} tokens/s")
   if not args.no_hf:
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    ref = ref.to(torch_dtype)
-    ids = torch.tensor(prompts)
+    ref = ref.to(device=peer.device(), dtype=torch_dtype)
+    ids = torch.tensor(prompts, device=peer.device())
     mask = torch.ones_like(ids)
 
+    @peer.synced
     def hf_run(n):
       with torch.no_grad():
         ref.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
@@ -94,7 +95,7 @@ def main(argv=None):
     hf_full = _timed(lambda: hf_run(N))
     hf_step = max(hf_full - hf_one, 1e-9) / (N - 1)
     print(f"HF     prefill+1 token {hf_one * 1e3:.1f} ms; decode {hf_step * 1e3:.2f} ms/step = "
-          f"{B / hf_step:,.0f} tokens/s (torch {torch.__version__}, {torch.get_num_threads()} threads)")
+          f"{B / hf_step:,.0f} tokens/s (torch {torch.__version__} on {peer.device()}, {torch.get_num_threads()} threads)")
     print(f"speed-up rrjax / HF: decode {hf_step / ours_step:.2f}x, end to end {hf_full / ours_full:.2f}x")
   print(f"roofline: {step_bytes / 1e6:.1f} MB read per decode step (weights {weight_bytes / 1e6:.1f} MB + "
         f"KV {kv_per_token * (P + N / 2) / 1e6:.1f} MB); rrjax achieves {step_bytes / ours_step / 1e9:.1f} GB/s "

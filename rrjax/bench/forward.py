@@ -26,8 +26,9 @@ def matmul_peak(dtype: str) -> dict[str, float]:
   out = {"jax_matmul_flops": hardware.matmul_flops(dtype)}
   try:
     import torch
-    ta = torch.ones((2048, 2048), dtype=getattr(torch, dtype))
-    out["torch_matmul_flops"] = 2 * 2048**3 / median_seconds(lambda: ta @ ta, 5)
+    n = 2048 if peer.device() == "cpu" else 8192
+    ta = torch.ones((n, n), dtype=getattr(torch, dtype), device=peer.device())
+    out["torch_matmul_flops"] = 2 * n**3 / median_seconds(peer.synced(lambda: ta @ ta), 5)
   except ImportError:
     pass
   return out
@@ -72,18 +73,19 @@ def main(argv=None):
       result["peer"] = "transformers not installed"
     else:
       ref = peer.torch_twin(config, peer.weights_of(model), dtype).eval()
-      tt = torch.tensor(tokens)
+      tt = torch.tensor(tokens, device=peer.device())
 
       def torch_forward():
         with torch.no_grad():
           return ref(tt).logits
 
-      t_torch = median_seconds(torch_forward, args.repeats)
+      t_torch = median_seconds(peer.synced(torch_forward), args.repeats)
       with torch.no_grad():
-        diff = float(np.abs(ref(tt).logits.float().numpy() - np.asarray(fwd(state, x))).max())
+        theirs = ref(tt).logits.float().cpu().numpy()
+      diff = float(np.abs(theirs - np.asarray(fwd(state, x), np.float32)).max())
       result.update({"transformers_tokens_per_s": n_tokens / t_torch, "transformers_flops_per_s": flops / t_torch,
                      "speedup_vs_transformers": t_torch / t_ours, "max_abs_logit_diff": diff,
-                     "torch_threads": torch.get_num_threads()})
+                     "torch_device": peer.device(), "torch_threads": torch.get_num_threads()})
   peak = matmul_peak(dtype)
   result.update(peak)
   best = max(peak.values())

@@ -81,20 +81,20 @@ def main(argv=None):
     else:
       ref = peer.torch_twin(config, weights).train()
       opt = torch.optim.AdamW(ref.parameters(), lr=1e-5)
-      tokens = torch.tensor(batch["tokens"], dtype=torch.long)
+      tokens = torch.tensor(batch["tokens"], dtype=torch.long, device=peer.device())
       autocast = dtype == "bfloat16"
 
       def theirs():
         opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(peer.device(), dtype=torch.bfloat16, enabled=autocast):
           loss = ref(tokens, labels=tokens).loss
         loss.backward()
         opt.step()
 
-      t_torch = median_seconds(theirs, args.repeats)
+      t_torch = median_seconds(peer.synced(theirs), args.repeats)
       result.update({"transformers_tokens_per_s": B * T / t_torch, "transformers_flops_per_s": flops / t_torch,
                      "transformers_mfu": flops / t_torch / peak, "speedup_vs_transformers": t_torch / t_ours,
-                     "torch_threads": torch.get_num_threads()})
+                     "torch_device": peer.device(), "torch_threads": torch.get_num_threads()})
   print(json.dumps({k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in result.items()}, indent=2))
   return result
 

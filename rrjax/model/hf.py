@@ -269,11 +269,15 @@ def _save_hf(model: Qwen2, path: Path, *, dtype: str | None, max_shard_bytes: in
       index = {"metadata": {"total_size": total}, "weight_map": weight_map}
       (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     c = model.config
+    tok = tokenizer or tokenizer_lib.load()
+    end_of_text = tok.token_to_id("<|endoftext|>")
+    if max(c.bos_token_id, c.eos_token_id) >= c.vocab_size:  # Qwen2.5's ids, but a small own vocabulary
+      c = c.replace(bos_token_id=end_of_text, eos_token_id=tok.eos_token_id)
     (tmp / "config.json").write_text(json.dumps(c.to_hf_dict(torch_dtype), indent=2))
-    generation = {"bos_token_id": c.bos_token_id, "eos_token_id": [c.eos_token_id, 151643],
-                  "pad_token_id": 151643, "do_sample": False}
+    generation = {"bos_token_id": c.bos_token_id, "eos_token_id": [c.eos_token_id, end_of_text],
+                  "pad_token_id": end_of_text, "do_sample": False}
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    (tokenizer or tokenizer_lib.load()).save(tmp)
+    tok.save(tmp)
     if path.exists():
       old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
       os.replace(path, old / "x")

@@ -6,7 +6,7 @@ filter), upstream's released formats, and the embedded synthetic reasoning-inten
 
 from rrjax.synth.client import ChatClient, ChatResponse, ClientConfig, ClientStats
 from rrjax.synth.formats import write_labelled_set, write_sft_json, write_training_jsonl
-from rrjax.synth.inputs import file_inputs, task_inputs
+from rrjax.synth.inputs import file_inputs, synthesize_task, task_inputs
 from rrjax.synth.pipeline import (ALPHA, QueryInput, Sample, SynthConfig, SynthReport, ndcg_at_10, passes_filter,
                                   synthesize)
 from rrjax.synth.task import SyntheticQuery, SyntheticTask, TaskConfig, generate

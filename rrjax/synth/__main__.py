@@ -1,7 +1,8 @@
 """`python -m rrjax.synth`: label ranking data with a teacher and write upstream's released formats.
 
 Synthetic task (default; no --run):
-  python -m rrjax.synth --out OUT [--seed 0 --num_train 1000 --num_test 100 --passages_per_query 10]
+  python -m rrjax.synth --out OUT [--seed 0 --num_train 1000 --num_test 100 --passages_per_query 10
+      --test_passages_per_query N]
 writes OUT/{train,test}/ with TREC files (corpus.jsonl, topics.tsv, qrels.txt, run.lexical.txt) and the
 labelled set (training_data_all.jsonl, id_query/, id_doc/, sft.json, rl.parquet, rl.jsonl), and
 OUT/report.json (counts, teacher stats, first-stage vs oracle nDCG@10 on the held-out split).
@@ -27,7 +28,7 @@ from rrjax.data import trec
 from rrjax.synth import task as task_lib
 from rrjax.synth.client import ChatClient, ClientConfig
 from rrjax.synth.formats import write_labelled_set
-from rrjax.synth.inputs import file_inputs, task_inputs
+from rrjax.synth.inputs import file_inputs, synthesize_task
 from rrjax.synth.pipeline import SynthConfig, synthesize
 from rrjax.synth.teachers import ChatTeacher, LocalTeacher, ProgrammaticTeacher
 
@@ -59,6 +60,8 @@ def parser() -> argparse.ArgumentParser:
   g = p.add_argument_group("synthetic task (when --run is not given)")
   for name, default in (("seed", 0), ("num_train", 1000), ("num_test", 100), ("passages_per_query", 10)):
     g.add_argument(f"--{name}", type=int, default=default)
+  g.add_argument("--test_passages_per_query", type=int, default=None,
+                 help="held-out pool size (default --passages_per_query); larger pools need the sliding window")
   g = p.add_argument_group("your queries")
   g.add_argument("--run"), g.add_argument("--queries"), g.add_argument("--corpus")
   g.add_argument("--answers", help="optional gold answers (tsv qid<TAB>answer or jsonl)")
@@ -98,17 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["files"] = write_labelled_set(out, samples, inputs, tokenizer,
                                          max_passage_tokens=config.max_passage_tokens)
   else:
-    task = task_lib.generate(task_lib.TaskConfig(seed=args.seed, num_train=args.num_train, num_test=args.num_test,
-                                                 passages_per_query=args.passages_per_query))
+    task = task_lib.generate(task_lib.TaskConfig(
+        seed=args.seed, num_train=args.num_train, num_test=args.num_test,
+        passages_per_query=args.passages_per_query, test_passages_per_query=args.test_passages_per_query))
     report["task"] = dataclasses.asdict(task.config)
-    for split in task_lib.SPLITS:
-      files = task_lib.write_split(task, split, out)
-      inputs = task_inputs(task, split, config.max_window)
-      samples, rep = synthesize(inputs, teacher, config)
-      files |= write_labelled_set(out / split, samples, inputs, tokenizer,
-                                  max_passage_tokens=config.max_passage_tokens, split=split)
-      report[split] = {"labelled": rep.as_dict(), "files": files}
-    report["heldout_ndcg10"] = task_lib.measure(task.split("test"), task.config.seed)
+    report |= synthesize_task(task, out, teacher, tokenizer, config)
   report["teacher_stats"] = dict(teacher.stats)
   if client is not None:
     report["client_stats"] = client.stats.as_dict()

@@ -1,10 +1,14 @@
-"""Pipeline inputs: the synthetic task's splits, or a TREC run with topics, corpus and optional answers."""
+"""Pipeline inputs: the synthetic task's splits, or a TREC run with topics, corpus and optional answers;
+and `synthesize_task`, the whole pipeline over the synthetic task."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rrjax.data import trec
 from rrjax.synth import task as task_lib
-from rrjax.synth.pipeline import QueryInput
+from rrjax.synth.formats import write_labelled_set
+from rrjax.synth.pipeline import QueryInput, SynthConfig, Teacher, synthesize
 
 
 def task_inputs(task: task_lib.SyntheticTask, split: str, max_window: int = 20) -> list[QueryInput]:
@@ -34,3 +38,21 @@ def file_inputs(run_path, queries_path, corpus_path, answers_path=None, *, max_w
       raise ValueError(f"{run_path}: docid {missing!r} (query {qid!r}) is not in {corpus_path}")
     out.append(QueryInput(qid, topics[qid], tuple(docids), tuple(docs[d] for d in docids), answers.get(qid), dataset))
   return out
+
+
+def synthesize_task(task: task_lib.SyntheticTask, out_dir, teacher: Teacher, tokenizer,
+                    config: SynthConfig = SynthConfig()) -> dict:
+  """Labels both splits of the synthetic task with `teacher` and writes, per split, the TREC files
+  (corpus, topics, qrels, lexical run) and the labelled set; returns the report (counts, files, and the
+  held-out first-stage vs oracle nDCG@10)."""
+  out = Path(out_dir)
+  report: dict = {}
+  for split in task_lib.SPLITS:
+    files = task_lib.write_split(task, split, out)
+    inputs = task_inputs(task, split, config.max_window)
+    samples, rep = synthesize(inputs, teacher, config)
+    files |= write_labelled_set(out / split, samples, inputs, tokenizer,
+                                max_passage_tokens=config.max_passage_tokens, split=split)
+    report[split] = {"labelled": rep.as_dict(), "files": files}
+  report["heldout_ndcg10"] = task_lib.measure(task.split("test"), task.config.seed)
+  return report

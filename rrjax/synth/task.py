@@ -51,6 +51,8 @@ class TaskConfig:
   num_train: int = 1000
   num_test: int = 100
   passages_per_query: int = 10
+  # Held-out pools may be larger than one window, so that reranking them needs the sliding window.
+  test_passages_per_query: int | None = None  # None: passages_per_query
   min_relevant: int = 1
   max_relevant: int = 3
   max_value: int = 9            # values and thresholds are in [0, max_value]
@@ -60,12 +62,19 @@ class TaskConfig:
   def __post_init__(self):
     if not 1 <= self.passages_per_query <= 20:
       raise ValueError(f"passages_per_query must be in [1, 20] (one window), got {self.passages_per_query}")
-    if self.passages_per_query > len(NAMES):
-      raise ValueError(f"passages_per_query must be <= {len(NAMES)}")
+    if self.test_passages_per_query is not None and not self.max_relevant < self.test_passages_per_query <= len(NAMES):
+      raise ValueError(f"test_passages_per_query must be in ({self.max_relevant}, {len(NAMES)}], "
+                       f"got {self.test_passages_per_query}")
     if not 1 <= self.min_relevant <= self.max_relevant < self.passages_per_query:
       raise ValueError("need 1 <= min_relevant <= max_relevant < passages_per_query")
     if self.max_value < 1 or self.num_train < 0 or self.num_test < 0:
       raise ValueError("max_value must be >= 1 and query counts >= 0")
+
+  def pool_size(self, split: str) -> int:
+    """Candidates per query in `split`."""
+    if split == "test" and self.test_passages_per_query is not None:
+      return self.test_passages_per_query
+    return self.passages_per_query
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +102,7 @@ def _query(rng: np.random.Generator, cfg: TaskConfig, split: str, i: int) -> Syn
   t = int(rng.integers(1, cfg.max_value + 1)) if op == "less" else int(rng.integers(0, cfg.max_value))
   rel_values = list(range(0, t)) if op == "less" else list(range(t + 1, cfg.max_value + 1))
   irr_values = list(range(t, cfg.max_value + 1)) if op == "less" else list(range(0, t + 1))
-  n = cfg.passages_per_query
+  n = cfg.pool_size(split)
   n_rel = int(rng.integers(cfg.min_relevant, cfg.max_relevant + 1))
   n_boundary = int(rng.integers(1, 3)) if rng.random() < cfg.boundary_prob else 0
   n_boundary = min(n_boundary, n - n_rel)

@@ -235,8 +235,9 @@ class LocalTeacher:
 class ProgrammaticTeacher:
   """Solves the synthetic task from its text: one comparison per passage, relevant passages first.
 
-  Reasoning: `[1] 5<7 yes. [2] 9<7 no. ...` (the passage's value, the query's operator and threshold,
-  the verdict). Ranking: relevant passages, then the rest, each group in window order.
+  Reasoning: `Relevant if cost < 7. [1] 5<7 yes. [2] 9<7 no. ...` (the condition, then per passage its
+  value, the query's operator and threshold, and the verdict). Ranking: relevant passages, then the rest,
+  each group in window order.
   """
 
   name = "programmatic"
@@ -274,8 +275,10 @@ class ProgrammaticTeacher:
       op, t = cond
       symbol = "<" if op == "less" else ">"
       verdicts = [task_lib.is_relevant(op, v, t) for v in values]
-      reasoning = " ".join(f"[{i}] {v}{symbol}{t} {'yes' if ok else 'no'}." for i, (v, ok) in enumerate(
-          zip(values, verdicts), 1))
+      # The condition first, then one comparison per passage (the small demo model copies the operator
+      # from just before rather than from the far-away query).
+      reasoning = f"Relevant if cost {symbol} {t}. " + " ".join(
+          f"[{i}] {v}{symbol}{t} {'yes' if ok else 'no'}." for i, (v, ok) in enumerate(zip(values, verdicts), 1))
       perm = [i for i, ok in enumerate(verdicts) if ok] + [i for i, ok in enumerate(verdicts) if not ok]
       self.stats["ranked"] += 1
       out.append(RankResult(reasoning, tuple(perm)))
