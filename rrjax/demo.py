@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util  # noqa: F401  gin 0.5.0 needs it loaded before relative includes
+import functools
 import json
 import os
 import time
@@ -49,6 +49,7 @@ class DemoConfig:
   alpha: float = 0.4  # the self-consistency filter's NDCG@10 threshold
 
 
+@functools.cache
 def _register():
   from rrjax import rerank
   rerank._gin_factory()  # registers RerankSettings
@@ -58,23 +59,10 @@ def _register():
 
 def parse_config(gin_files, gin_params) -> tuple[DemoConfig, str]:
   """The DemoConfig from gin, and gin's text of it (kept in OUT to refuse resuming a different config)."""
-  factory = _register()
-  gin.clear_config()
-  root = Path(__file__).resolve().parents[1]
-  for d in (Path.cwd(), root, root / "configs"):
-    gin.add_config_file_search_path(str(d))
-  files = [f if Path(f).exists() else str(root / f) for f in gin_files]
-  for given, f in zip(gin_files, files):
-    if not Path(f).exists():
-      raise FileNotFoundError(f"{given}: gin file not found")
-  try:
-    gin.parse_config_files_and_bindings(files, list(gin_params), finalize_config=False)
-    config = factory()
-  except (ValueError, TypeError, KeyError) as e:  # gin's messages name the file and line
-    raise ValueError(f"gin: {' '.join(str(e).split())}") from None
-  for name, trainer in (("sft", "sft"), ("grpo", "grpo")):
-    if getattr(config, name).trainer != trainer:
-      raise ValueError(f"gin: DemoConfig.{name} must have trainer {trainer!r}")
+  config = train_entry.parse_gin(gin_files, gin_params, _register())
+  for name in ("sft", "grpo"):
+    if getattr(config, name).trainer != name:
+      raise ValueError(f"gin: DemoConfig.{name} must have trainer {name!r}")
   return config, gin.config_str()
 
 
@@ -89,8 +77,7 @@ def synthesize(config: DemoConfig, out: Path) -> dict:
   from rrjax.synth.teachers import ProgrammaticTeacher
 
   task = task_lib.generate(config.task)
-  report = synthesize_task(task, out, ProgrammaticTeacher(), tokenizer_lib.load(), SynthConfig(alpha=config.alpha))
-  return report
+  return synthesize_task(task, out, ProgrammaticTeacher(), tokenizer_lib.load(), SynthConfig(alpha=config.alpha))
 
 
 def small_tokenizer(sft_json: Path, out: Path, vocab_size: int):
@@ -147,7 +134,7 @@ def plot(out: Path, sft_dir: Path, grpo_dir: Path, ndcg: Mapping[str, float]) ->
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  from rrjax.train.logger import read_metrics
+  from rrjax.train.logger import read_metrics, save_png
 
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
   for ax, run_dir, key, title in ((axes[0], sft_dir, "loss", "SFT loss (response tokens)"),
@@ -164,12 +151,7 @@ def plot(out: Path, sft_dir: Path, grpo_dir: Path, ndcg: Mapping[str, float]) ->
   axes[2].set_ylim(0, 1)
   axes[2].set_title("held-out nDCG@10")
   fig.tight_layout()
-  path = out / "demo.png"
-  tmp = out / "demo.tmp.png"
-  fig.savefig(tmp, dpi=90)
-  plt.close(fig)
-  os.replace(tmp, path)
-  return path
+  return save_png(fig, out / "demo.png", dpi=90)
 
 
 # ---------------------------------------------------------------- main

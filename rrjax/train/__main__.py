@@ -71,7 +71,10 @@ def parse_flags(argv):
   return args
 
 
-def parse_config(gin_files, gin_params) -> config_lib.TrainConfig:
+def parse_gin(gin_files, gin_params, make):
+  """Parses gin files and bindings afresh and returns `make()` (a configurable reading them). Files and
+  includes resolve against the working directory, then the repository and its configs/; gin's errors
+  become one-line ValueErrors."""
   gin.clear_config()
   for root in (Path.cwd(), CONFIG_ROOT.parent, CONFIG_ROOT):
     gin.add_config_file_search_path(str(root))
@@ -80,10 +83,14 @@ def parse_config(gin_files, gin_params) -> config_lib.TrainConfig:
       raise FileNotFoundError(f"{f}: gin file not found")
   files = [f if Path(f).exists() else str(CONFIG_ROOT.parent / f) for f in gin_files]
   try:
-    gin.parse_config_files_and_bindings(files, gin_params, finalize_config=False)
-    config = train()
+    gin.parse_config_files_and_bindings(files, list(gin_params), finalize_config=False)
+    return make()
   except (ValueError, TypeError, KeyError) as e:  # gin's messages name the file and line
     raise ValueError(f"gin: {' '.join(str(e).split())}") from None
+
+
+def parse_config(gin_files, gin_params) -> config_lib.TrainConfig:
+  config = parse_gin(gin_files, gin_params, train)
   if config.trainer not in trainers():
     raise ValueError(f"TrainConfig.trainer: {config.trainer!r} is not one of {sorted(trainers())}")
   return config

@@ -109,9 +109,15 @@ def plot(run_dir: str | os.PathLike, keys: tuple[str, ...] = ("loss", "reward_me
     ax.set_title(key)
     ax.set_xlabel("step")
   fig.tight_layout()
-  out = Path(out) if out else Path(run_dir) / "curves.png"
-  tmp = out.with_name(out.stem + ".tmp.png")
-  fig.savefig(tmp, dpi=80)
+  return save_png(fig, Path(out) if out else Path(run_dir) / "curves.png", dpi=80)
+
+
+def save_png(fig, path: str | os.PathLike, dpi: int = 80) -> Path:
+  """Writes a matplotlib figure atomically (a temporary file, then rename) and closes it."""
+  import matplotlib.pyplot as plt
+  path = Path(path)
+  tmp = path.with_name(path.stem + ".tmp.png")
+  fig.savefig(tmp, dpi=dpi)
   plt.close(fig)
-  os.replace(tmp, out)
-  return out
+  os.replace(tmp, path)
+  return path
