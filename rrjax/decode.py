@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rrjax import sampling
+from rrjax import hardware, sampling
 from rrjax import sharding as sharding_lib
 from rrjax.model.qwen2 import KVCache, Qwen2, Qwen2Config
 
@@ -126,7 +126,7 @@ def clear_programs() -> None:
 
 def default_cache_dtype(config: Qwen2Config) -> str:
   """bf16 on accelerators; the model's compute dtype on CPU (where bf16 is slow and tests want f32)."""
-  return config.dtype if jax.default_backend() == "cpu" else "bfloat16"
+  return config.dtype if hardware.default_dtype() == "float32" else "bfloat16"
 
 
 def _data_shards(mesh: Mesh | None) -> int:

@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import gin
 
-from rrjax import cli
+from rrjax import cli, fileio, gin_config
+from rrjax.rerank import cli as rerank_cli  # noqa: F401  registers RerankSettings with gin
 from rrjax.synth.task import TaskConfig
 from rrjax.train import __main__ as train_entry
 from rrjax.train.config import TrainConfig
@@ -49,17 +48,13 @@ class DemoConfig:
   alpha: float = 0.4  # the self-consistency filter's NDCG@10 threshold
 
 
-@functools.cache
-def _register():
-  from rrjax import rerank
-  rerank._gin_factory()  # registers RerankSettings
-  gin.external_configurable(TaskConfig, module="rrjax.synth")
-  return gin.external_configurable(DemoConfig, module="rrjax.demo")
+gin.external_configurable(TaskConfig, module="rrjax.synth")
+_GIN_DEMO = gin.external_configurable(DemoConfig, module="rrjax.demo")
 
 
 def parse_config(gin_files, gin_params) -> tuple[DemoConfig, str]:
   """The DemoConfig from gin, and gin's text of it (kept in OUT to refuse resuming a different config)."""
-  config = train_entry.parse_gin(gin_files, gin_params, _register())
+  config = gin_config.parse(gin_files, gin_params, _GIN_DEMO)
   for name in ("sft", "grpo"):
     if getattr(config, name).trainer != name:
       raise ValueError(f"gin: DemoConfig.{name} must have trainer {name!r}")
@@ -87,9 +82,8 @@ def small_tokenizer(sft_json: Path, out: Path, vocab_size: int):
     return tokenizer_lib.load(out)
   rows = json.loads(sft_json.read_text())
   texts = [f"{r['system']}\n{r['instruction']}\n{r['output']}" for r in rows]
-  tmp = out.with_name(out.name + ".tmp")
-  tokenizer_lib.train_small(texts, tmp, vocab_size=vocab_size)
-  os.replace(tmp, out)
+  with fileio.atomic_dir(out) as tmp:
+    tokenizer_lib.train_small(texts, tmp, vocab_size=vocab_size)
   return tokenizer_lib.load(out)
 
 
@@ -159,13 +153,12 @@ def plot(out: Path, sft_dir: Path, grpo_dir: Path, ndcg: Mapping[str, float]) ->
 
 def run(config: DemoConfig, operative: str, out: Path) -> dict:
   from rrjax.data import rl as rl_data
-  from rrjax.data import trec
 
   out.mkdir(parents=True, exist_ok=True)
   saved = out / "demo_config.gin"
   if saved.exists() and saved.read_text() != operative:
     raise ValueError(f"{saved}: {out} was made with a different configuration; use another --out or delete it")
-  with trec.atomic_open(saved) as f:
+  with fileio.atomic_open(saved) as f:
     f.write(operative)
   seconds: dict[str, float] = {}
   clock = [time.perf_counter()]
@@ -214,7 +207,7 @@ def run(config: DemoConfig, operative: str, out: Path) -> dict:
              "heldout_queries": ndcg_sft["num_queries"], "rerank": dict(config.rerank),
              "hf_checkpoint": str(grpo_dir / "hf"), "plots": str(png), **parity, "seconds": seconds,
              "total_seconds": round(sum(seconds.values()), 1)}
-  with trec.atomic_open(out / "summary.json") as f:
+  with fileio.atomic_open(out / "summary.json") as f:
     json.dump(summary, f, indent=1)
   r = config.rerank
   print(f"\nheld-out nDCG@10 ({summary['heldout_queries']} queries; top {r.get('top_k')} reranked with windows of "

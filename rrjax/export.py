@@ -21,7 +21,7 @@ def main(argv=None) -> int:
   from rrjax import checkpoints, tokenizer
   from rrjax.model import hf
 
-  model = checkpoints.load(args.checkpoint)
+  model = checkpoints.from_pretrained(args.checkpoint)
   out = hf.save_hf(model, args.out, dtype=args.dtype, tokenizer=tokenizer.load(checkpoints.run_dir_of(args.checkpoint)))
   print(f"exported {args.checkpoint} ({model.config.param_count() / 1e6:.1f}M parameters) to {out}")
   return 0

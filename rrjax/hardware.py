@@ -22,6 +22,12 @@ PEAK_FLOPS_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12,
                    "TPU v6": 918e12}
 
 
+def default_dtype(platform: str | None = None) -> str:
+  """The compute dtype where a config does not say: float32 on CPU (where bf16 is slow and tests want exact
+  results), bfloat16 on accelerators. `platform` defaults to JAX's default backend."""
+  return "float32" if (platform or jax.default_backend()) == "cpu" else "bfloat16"
+
+
 def _published(table: dict[str, float]) -> tuple[float, str] | None:
   device = jax.devices()[0]
   if device.platform == "cpu":

@@ -159,6 +159,18 @@ def create_sharded(constructor: Callable[[], nnx.Module], mesh: Mesh,
   return nnx.merge(graphdef, abstract)
 
 
+def abstract_state(abstract: nnx.Module, mesh: Mesh, *filters, rules: LogicalRules | None = None):
+  """(graphdef, one pure dict per nnx filter) of ShapeDtypeStructs on their logical-axis shardings, from a
+  module made by `nnx.eval_shape`: a checkpoint's restore target, with nothing allocated."""
+  graphdef, *states = nnx.split(abstract, *filters)
+
+  def with_shardings(state):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(state),
+                        state_shardings(state, mesh, rules))
+
+  return (graphdef, *map(with_shardings, states))
+
+
 def shard_model(model: nnx.Module, mesh: Mesh, rules: LogicalRules | None = None) -> nnx.Module:
   """Moves an existing model's parameters onto their shardings (in place) and returns it."""
   graphdef, state = nnx.split(model)

@@ -8,7 +8,8 @@ from flax import nnx
 
 import train_fixtures as F
 from rrjax.model.qwen2 import Qwen2
-from rrjax.train import grpo, lora
+from rrjax.model import lora
+from rrjax.train import grpo
 from rrjax.train.config import LoraConfig
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from rrjax import fileio
 from rrjax.data import trec
 
 TREC = Path(__file__).parent / "data" / "trec"
@@ -142,7 +143,7 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
   with pytest.raises(ValueError):
     trec.write_run(path, {"q1": {"bad docid": 1.0}})
   with pytest.raises(RuntimeError):
-    with trec.atomic_open(tmp_path / "new.trec") as f:
+    with fileio.atomic_open(tmp_path / "new.trec") as f:
       f.write("partial line")
       raise RuntimeError("boom")
   assert path.read_text() == "old content\n"

@@ -34,7 +34,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import ftfy
 
 from rrjax.data.sft import ranking_answer, read_id_table, read_training_jsonl
-from rrjax.data.trec import TrecFormatError, atomic_open
+from rrjax.data.trec import TrecFormatError
+from rrjax.fileio import atomic_open, atomic_path
 from rrjax.ranking.prompt import build_messages
 
 PathLike = str | os.PathLike
@@ -136,14 +137,8 @@ def write_rl_parquet(path: PathLike, rows: Iterable[RLRow]) -> None:
       raise ValueError(f"RL row {row.index} (qid {row.qid!r}) has no chat messages; parquet's prompt column holds them")
     records.append(to_record(row))
   table = pa.Table.from_pylist(records, schema=_schema())
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp")
-  try:
+  with atomic_path(path) as tmp:
     pq.write_table(table, tmp)
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
 
 
 def write_rl(path: PathLike, rows: Iterable[RLRow]) -> None:

@@ -9,15 +9,14 @@ BRIGHT stackoverflow run lines whose docids contain spaces) and report the count
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import io
 import json
 import math
 import os
-import tempfile
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
+
+from rrjax.fileio import atomic_open
 
 PathLike = str | os.PathLike
 
@@ -42,7 +41,7 @@ class TrecDict(dict):
   skipped: int = 0
 
 
-def _open_text(path: PathLike) -> io.TextIOBase:
+def open_text(path: PathLike) -> io.TextIOBase:
   if not os.path.exists(path):
     raise TrecFormatError(path, None, "no such file")
   if str(path).endswith(".gz"):
@@ -50,7 +49,7 @@ def _open_text(path: PathLike) -> io.TextIOBase:
   return open(path, "rt", encoding="utf-8", newline="")
 
 
-def _lines(path: PathLike) -> Iterator[tuple[int, str]]:
+def numbered_lines(path: PathLike) -> Iterator[tuple[int, str]]:
   """(1-based line number, line without its newline); decoding errors name the line.
 
   Lines are split on bytes and decoded one at a time, so a bad byte is blamed on its own line.
@@ -74,7 +73,7 @@ def _lines(path: PathLike) -> Iterator[tuple[int, str]]:
 def read_run(path: PathLike, skip_malformed: bool = False) -> TrecDict:
   """`qid Q0 docid rank score tag` -> {qid: {docid: score}}; rank is ignored, as trec_eval does."""
   run = TrecDict()
-  for n, line in _lines(path):
+  for n, line in numbered_lines(path):
     if not line.strip():
       continue
     fields = line.split()
@@ -100,7 +99,7 @@ def read_run(path: PathLike, skip_malformed: bool = False) -> TrecDict:
 def read_qrels(path: PathLike, skip_malformed: bool = False) -> TrecDict:
   """`qid iter docid rel` -> {qid: {docid: rel}} (rel an int; the iter column is ignored)."""
   qrels = TrecDict()
-  for n, line in _lines(path):
+  for n, line in numbered_lines(path):
     if not line.strip():
       continue
     fields = line.split()
@@ -121,7 +120,7 @@ def read_qrels(path: PathLike, skip_malformed: bool = False) -> TrecDict:
 
 def json_lines(path: PathLike) -> Iterator[tuple[int, dict]]:
   """(line number, object) of a jsonl file (gz accepted); blank lines skipped, errors name file:line."""
-  for n, line in _lines(path):
+  for n, line in numbered_lines(path):
     if not line.strip():
       continue
     try:
@@ -161,7 +160,7 @@ def read_topics(path: PathLike) -> dict[str, str]:
 
 
 def _tsv_topics(path: PathLike) -> Iterator[tuple[int, str, str]]:
-  for n, line in _lines(path):
+  for n, line in numbered_lines(path):
     if not line.strip():
       continue
     qid, tab, query = line.partition("\t")
@@ -206,7 +205,7 @@ def read_rankgpt(path: PathLike) -> tuple[dict[str, str], dict[str, dict[str, fl
   The run keeps the hits' order; errors name the file and the hit (`query i hit j`).
   """
   try:
-    with _open_text(path) as f:
+    with open_text(path) as f:
       data = json.load(f)
   except json.JSONDecodeError as e:
     raise TrecFormatError(path, e.lineno, f"bad JSON: {e.msg}") from None
@@ -241,50 +240,6 @@ def read_rankgpt(path: PathLike) -> tuple[dict[str, str], dict[str, dict[str, fl
 def ranked(docs: Mapping[str, float]) -> list[tuple[str, float]]:
   """trec_eval's order: score descending, ties broken by docid descending."""
   return sorted(docs.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
-
-
-def _umask() -> int:
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
-
-
-@contextlib.contextmanager
-def atomic_open(path: PathLike) -> Iterator[io.TextIOBase]:
-  """Write text to a temp file in the same directory, fsync, then os.replace onto `path`.
-
-  If the body raises, the temp file is removed and `path` is untouched. `.gz` paths are gzipped.
-  """
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as raw:
-      if path.name.endswith(".gz"):
-        with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, \
-            io.TextIOWrapper(gz, encoding="utf-8", newline="\n") as f:
-          yield f
-      else:
-        with io.TextIOWrapper(raw, encoding="utf-8", newline="\n") as f:
-          yield f
-          f.flush()
-          os.fsync(raw.fileno())
-    if path.name.endswith(".gz"):
-      with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    # mkstemp makes the file 0600; give it the mode a plain open() would (or the old file's).
-    os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
-    os.replace(tmp, path)
-    with contextlib.suppress(OSError):  # make the rename itself durable where the OS allows
-      dir_fd = os.open(path.parent, os.O_RDONLY)
-      try:
-        os.fsync(dir_fd)
-      finally:
-        os.close(dir_fd)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(tmp)
-    raise
 
 
 def write_run(path: PathLike, run: Mapping[str, Mapping[str, float]], tag: str = "rrjax",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -20,20 +19,10 @@ from flax import nnx
 
 from rrjax import sharding
 from rrjax.model import attention as attention_lib
+from rrjax.model import lora as lora_lib
+from rrjax.model.lora import LoraConfig
 
 _CONFIGS = Path(__file__).parent.parent / "assets" / "qwen2.5_instruct_configs.json"
-
-# Projection -> (kernel name, logical axes of its input dims, logical axes of its output dims).
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-_LORA_AXES = {
-    "q": ("q_kernel", ("embed",), ("q_heads", "head_dim")),
-    "k": ("k_kernel", ("embed",), ("kv_heads", "head_dim")),
-    "v": ("v_kernel", ("embed",), ("kv_heads", "head_dim")),
-    "o": ("o_kernel", ("q_heads", "head_dim"), ("embed",)),
-    "gate": ("gate_kernel", ("embed",), ("mlp",)),
-    "up": ("up_kernel", ("embed",), ("mlp",)),
-    "down": ("down_kernel", ("mlp",), ("embed",)),
-}
 
 REMAT_POLICIES = {
     "none": None,
@@ -71,10 +60,7 @@ class Qwen2Config:
   attention: str = "xla"  # xla | cudnn | splash
   scan_layers: bool = True
   remat: str = "none"  # none | full | dots | dots_no_batch
-  # Low-rank adapters (rank 0: none) on the named projections: q k v o gate up down.
-  lora_rank: int = 0
-  lora_alpha: float = 16.0
-  lora_targets: tuple[str, ...] = ()
+  lora: LoraConfig = LoraConfig()  # adapters (rank 0: none)
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -85,9 +71,6 @@ class Qwen2Config:
       raise ValueError(f"attention={self.attention!r}; choose one of {attention_lib.IMPLEMENTATIONS}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
-    unknown = set(self.lora_targets) - set(LORA_TARGETS)
-    if unknown:
-      raise ValueError(f"lora_targets {sorted(unknown)} are not among {LORA_TARGETS}")
 
   def replace(self, **kwargs) -> Qwen2Config:
     return dataclasses.replace(self, **kwargs)
@@ -269,43 +252,10 @@ class DecoderLayers(nnx.Module):
     self.gate_kernel = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), pd)
     self.up_kernel = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), pd)
     self.down_kernel = _param(rngs, (L, F, D), ("layers", "mlp", "embed"), pd)
-    for target in c.lora_targets if c.lora_rank else ():
-      kernel, in_axes, out_axes = _LORA_AXES[target]
-      shape = getattr(self, kernel).shape
-      n_in = len(in_axes)
-      fan_in = math.prod(shape[1:1 + n_in])
-      bound = 1.0 / math.sqrt(fan_in)  # PEFT's kaiming-uniform(a=sqrt(5)) bound; B starts at zero
-      a = jax.random.uniform(rngs.params(), (L, *shape[1:1 + n_in], c.lora_rank), pd, -bound, bound)
-      setattr(self, f"{target}_lora_a", nnx.LoRAParam(a, logical_axes=("layers", *in_axes, "lora")))
-      b = jnp.zeros((L, c.lora_rank, *shape[1 + n_in:]), pd)
-      setattr(self, f"{target}_lora_b", nnx.LoRAParam(b, logical_axes=("layers", "lora", *out_axes)))
+    lora_lib.add_adapters(self, c.lora, rngs)
 
   def weights(self) -> dict[str, jax.Array]:
     return {name: v[...] for name, v in vars(self).items() if isinstance(v, nnx.Param)}
-
-
-_LORA_EINSUM = {  # (input letters, output letters) of x A and (x A) B per projection
-    "q": ("d", "nh"), "k": ("d", "nh"), "v": ("d", "nh"), "o": ("nh", "e"),
-    "gate": ("d", "f"), "up": ("d", "f"), "down": ("f", "e"),
-}
-
-
-def lora_delta(x, target, w, c: Qwen2Config):
-  """(alpha / r) * x A B for one projection, or None when `target` has no adapter."""
-  a = w.get(f"{target}_lora_a")
-  if a is None:
-    return None
-  i, o = _LORA_EINSUM[target]
-  low = jnp.einsum(f"bt{i},{i}r->btr", x, a.astype(c.dtype))
-  return (c.lora_alpha / c.lora_rank) * jnp.einsum(f"btr,r{o}->bt{o}", low, w[f"{target}_lora_b"].astype(c.dtype))
-
-
-def merged_kernel(kernel, a, b, alpha: float, rank: int):
-  """kernel + (alpha / r) A B for stacked kernels [L, in..., out...], A [L, in..., r], B [L, r, out...]."""
-  low = a.reshape(a.shape[0], -1, a.shape[-1])
-  high = b.reshape(b.shape[0], b.shape[1], -1)
-  delta = jnp.einsum("lir,lro->lio", low.astype(jnp.float32), high.astype(jnp.float32)).reshape(kernel.shape)
-  return (kernel.astype(jnp.float32) + (alpha / rank) * delta).astype(kernel.dtype)
 
 
 def rms_norm(x_BxTxD, weight_D, eps):
@@ -404,11 +354,16 @@ class Qwen2(nnx.Module):
     def layer(carry, xs):
       x_BxTxD, k_cache, v_cache = carry
       w, index = xs
+
+      def adapted(out, inp, target):  # out + the target's LoRA delta, when it has an adapter
+        d = lora_lib.delta(inp, target, w, c.lora, c.dtype)
+        return out if d is None else out + d
+
       h = rms_norm(x_BxTxD, w["attn_norm"], c.rms_norm_eps)
       q = jnp.einsum("btd,dnh->btnh", h, w["q_kernel"].astype(c.dtype)) + w["q_bias"].astype(c.dtype)
       k = jnp.einsum("btd,dkh->btkh", h, w["k_kernel"].astype(c.dtype)) + w["k_bias"].astype(c.dtype)
       v = jnp.einsum("btd,dkh->btkh", h, w["v_kernel"].astype(c.dtype)) + w["v_bias"].astype(c.dtype)
-      q, k, v = (x if (d := lora_delta(h, t, w, c)) is None else x + d for x, t in ((q, "q"), (k, "k"), (v, "v")))
+      q, k, v = adapted(q, h, "q"), adapted(k, h, "k"), adapted(v, h, "v")
       q = sharding.constrain(apply_rope(q, cos, sin), ("batch", "length", "q_heads", "head_dim"))
       k = sharding.constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
       if k_cache is not None:
@@ -418,18 +373,14 @@ class Qwen2(nnx.Module):
           k = jax.lax.dynamic_index_in_dim(k_cache, index, 0, keepdims=False).astype(c.dtype)
           v = jax.lax.dynamic_index_in_dim(v_cache, index, 0, keepdims=False).astype(c.dtype)
       out_BxTxNxH = attention_lib.attend(q, k, v, mask, impl=c.attention)
-      attn_BxTxD = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, w["o_kernel"].astype(c.dtype))
-      if (d := lora_delta(out_BxTxNxH, "o", w, c)) is not None:
-        attn_BxTxD = attn_BxTxD + d
+      attn_BxTxD = adapted(jnp.einsum("btnh,nhd->btd", out_BxTxNxH, w["o_kernel"].astype(c.dtype)), out_BxTxNxH, "o")
       x_BxTxD = x_BxTxD + attn_BxTxD
       h = rms_norm(x_BxTxD, w["mlp_norm"], c.rms_norm_eps)
       gate = jnp.einsum("btd,df->btf", h, w["gate_kernel"].astype(c.dtype))
       up = jnp.einsum("btd,df->btf", h, w["up_kernel"].astype(c.dtype))
-      gate, up = (x if (d := lora_delta(h, t, w, c)) is None else x + d for x, t in ((gate, "gate"), (up, "up")))
+      gate, up = adapted(gate, h, "gate"), adapted(up, h, "up")
       act_BxTxF = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-      mlp_BxTxD = jnp.einsum("btf,fd->btd", act_BxTxF, w["down_kernel"].astype(c.dtype))
-      if (d := lora_delta(act_BxTxF, "down", w, c)) is not None:
-        mlp_BxTxD = mlp_BxTxD + d
+      mlp_BxTxD = adapted(jnp.einsum("btf,fd->btd", act_BxTxF, w["down_kernel"].astype(c.dtype)), act_BxTxF, "down")
       x_BxTxD = x_BxTxD + mlp_BxTxD
       x_BxTxD = sharding.constrain(x_BxTxD, ("batch", "length", "embed"))
       return (x_BxTxD, k_cache, v_cache), None

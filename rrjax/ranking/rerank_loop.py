@@ -23,7 +23,7 @@ from rrjax.ranking.pointwise import rank1_prompt
 from rrjax.ranking.prompt import CONTENT_FIELDS, build_prompt
 from rrjax.ranking.window import apply_permutation, full_list_window, sliding_windows
 
-MODES = ("listwise", "full", "pointwise")
+RERANK_MODES = ("listwise", "full", "pointwise")
 THINK_END = "</think>"
 # Rank1 sources: the model closed its reasoning; it was cut at its last sentence end; scoring failed (0.5).
 POINTWISE_SOURCES = ("think_end", "cut", "failed")

@@ -23,8 +23,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from rrjax import cli
-from rrjax.data import trec
+from rrjax import cli, fileio
 from rrjax.synth import task as task_lib
 from rrjax.synth.client import ChatClient, ClientConfig
 from rrjax.synth.formats import write_labelled_set
@@ -109,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   report["teacher_stats"] = dict(teacher.stats)
   if client is not None:
     report["client_stats"] = client.stats.as_dict()
-  with trec.atomic_open(out / "report.json") as f:
+  with fileio.atomic_open(out / "report.json") as f:
     json.dump(report, f, indent=1, default=str)
   print(json.dumps({k: report[k] for k in report if k in ("labelled", "heldout_ndcg10", "teacher_stats")}
                    | {s: report[s]["labelled"] for s in task_lib.SPLITS if s in report}))

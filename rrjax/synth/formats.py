@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 
 from rrjax.data import rl as rl_lib
 from rrjax.data.sft import training_target
-from rrjax.data.trec import atomic_open
+from rrjax.fileio import atomic_open
 from rrjax.ranking.prompt import Passage, build_messages
 from rrjax.synth.pipeline import QueryInput, Sample
 

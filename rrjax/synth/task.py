@@ -29,6 +29,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from rrjax import fileio
 from rrjax.data import trec
 
 NAMES = ("apple", "bread", "chair", "lamp", "shoe", "book", "cup", "pen", "coat", "hat", "desk", "bowl",
@@ -205,7 +206,7 @@ def corpus(queries: Sequence[SyntheticQuery]) -> dict[str, str]:
 
 def write_corpus(path, docs: Mapping[str, str | Mapping[str, str]]) -> None:
   """jsonl `{"docid", "text"[, "title"]}`, readable by rrjax.data.trec.read_corpus (atomic)."""
-  with trec.atomic_open(path) as f:
+  with fileio.atomic_open(path) as f:
     for docid, doc in docs.items():
       row = {"docid": docid, **({"text": doc} if isinstance(doc, str) else dict(doc))}
       f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -8,17 +8,13 @@ both run through rrjax.train.loop.run. Running again with the same TrainConfig.r
 from __future__ import annotations
 
 import argparse
-import importlib.util  # noqa: F401  gin 0.5.0 needs it loaded before relative includes
-from pathlib import Path
 
 import gin
 
-from rrjax import cli
+from rrjax import cli, gin_config, hardware
 from rrjax.model.qwen2 import Qwen2Config
 from rrjax.sharding import MeshConfig
 from rrjax.train import config as config_lib
-
-CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs"
 
 
 @gin.configurable
@@ -26,9 +22,7 @@ def model_preset(name: str = "tiny", *, param_dtype: str | None = None, dtype: s
                  attention: str = "xla", scan_layers: bool = True, remat: str = "none",
                  **architecture) -> Qwen2Config:
   """A Qwen2.5 preset ("0.5b" ... "72b", "tiny") with this run's policy; architecture overrides allowed."""
-  import jax
-  default = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-  return Qwen2Config.preset(name, param_dtype=param_dtype or "float32", dtype=dtype or default,
+  return Qwen2Config.preset(name, param_dtype=param_dtype or "float32", dtype=dtype or hardware.default_dtype(),
                             attention=attention, scan_layers=scan_layers, remat=remat, **architecture)
 
 
@@ -71,26 +65,8 @@ def parse_flags(argv):
   return args
 
 
-def parse_gin(gin_files, gin_params, make):
-  """Parses gin files and bindings afresh and returns `make()` (a configurable reading them). Files and
-  includes resolve against the working directory, then the repository and its configs/; gin's errors
-  become one-line ValueErrors."""
-  gin.clear_config()
-  for root in (Path.cwd(), CONFIG_ROOT.parent, CONFIG_ROOT):
-    gin.add_config_file_search_path(str(root))
-  for f in gin_files:
-    if not Path(f).exists() and not (CONFIG_ROOT.parent / f).exists():
-      raise FileNotFoundError(f"{f}: gin file not found")
-  files = [f if Path(f).exists() else str(CONFIG_ROOT.parent / f) for f in gin_files]
-  try:
-    gin.parse_config_files_and_bindings(files, list(gin_params), finalize_config=False)
-    return make()
-  except (ValueError, TypeError, KeyError) as e:  # gin's messages name the file and line
-    raise ValueError(f"gin: {' '.join(str(e).split())}") from None
-
-
 def parse_config(gin_files, gin_params) -> config_lib.TrainConfig:
-  config = parse_gin(gin_files, gin_params, train)
+  config = gin_config.parse(gin_files, gin_params, train)
   if config.trainer not in trainers():
     raise ValueError(f"TrainConfig.trainer: {config.trainer!r} is not one of {sorted(trainers())}")
   return config

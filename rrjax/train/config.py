@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from rrjax.model.lora import LoraConfig
 from rrjax.model.qwen2 import Qwen2Config
 from rrjax.sharding import MeshConfig
 
@@ -29,15 +30,6 @@ class CheckpointConfig:
   every_steps: int = 500
   keep: int = 3
   async_save: bool = True
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraConfig:
-  """Low-rank adapters on the named projections; rank 0 disables LoRA (full fine-tuning)."""
-
-  rank: int = 0
-  alpha: float = 16.0
-  targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 @dataclasses.dataclass(frozen=True)

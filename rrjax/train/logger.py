@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Mapping
 
+from rrjax import fileio
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -28,9 +30,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
       continue  # a line cut short by a kill
     if record.get("step", 0) <= last_step:
       kept.append(line)
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text("".join(k + "\n" for k in kept))
-  os.replace(tmp, path)
+  fileio.write_text(path, "".join(k + "\n" for k in kept))
 
 
 class MetricsLogger:
@@ -116,8 +116,9 @@ def save_png(fig, path: str | os.PathLike, dpi: int = 80) -> Path:
   """Writes a matplotlib figure atomically (a temporary file, then rename) and closes it."""
   import matplotlib.pyplot as plt
   path = Path(path)
-  tmp = path.with_name(path.stem + ".tmp.png")
-  fig.savefig(tmp, dpi=dpi)
-  plt.close(fig)
-  os.replace(tmp, path)
+  try:
+    with fileio.atomic_path(path) as tmp:
+      fig.savefig(tmp, dpi=dpi, format="png")
+  finally:
+    plt.close(fig)
   return path

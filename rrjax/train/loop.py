@@ -7,10 +7,8 @@ here once.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
@@ -20,13 +18,13 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from rrjax import checkpoints as pretrained
+from rrjax import checkpoints as checkpoint_lib
+from rrjax import fileio
 from rrjax import sharding as sharding_lib
 from rrjax import tokenizer as tokenizer_lib
 from rrjax.model import hf
+from rrjax.model import lora as lora_lib
 from rrjax.model.qwen2 import Qwen2, Qwen2Config
-from rrjax.train import checkpoint as checkpoint_lib
-from rrjax.train import lora as lora_lib
 from rrjax.train import logger as logger_lib
 from rrjax.train import state as state_lib
 from rrjax.train.config import TrainConfig
@@ -54,12 +52,12 @@ def model_config(config: TrainConfig) -> Qwen2Config:
   """The architecture of `init_from` when given (with this run's dtype/kernel/remat policy), else config.model."""
   if not config.init_from:
     return config.model
-  return pretrained.load_config(config.init_from, **config.model.policy())
+  return checkpoint_lib.load_config(config.init_from, **config.model.policy())
 
 
 def model_constructor(config: TrainConfig, model_cfg: Qwen2Config) -> Callable[[], nnx.Module]:
   """Random initialisation (with adapters when LoRA is on): the shape and sharding template of the state."""
-  cfg = lora_lib.with_lora_config(model_cfg, config.lora)
+  cfg = model_cfg.replace(lora=config.lora)
   return lambda: Qwen2(cfg, rngs=nnx.Rngs(config.seed))
 
 
@@ -67,17 +65,12 @@ def build_model(config: TrainConfig, model_cfg: Qwen2Config, mesh: Mesh) -> nnx.
   """The starting weights: random (created sharded) or imported from `init_from`, then LoRA if asked."""
   if not config.init_from:
     return sharding_lib.create_sharded(model_constructor(config, model_cfg), mesh)
-  model = pretrained.load(config.init_from, mesh=mesh, config=model_cfg)
+  model = checkpoint_lib.from_pretrained(config.init_from, mesh=mesh, policy=model_cfg.policy())
   if config.lora.rank:
     with jax.set_mesh(mesh):
       model = lora_lib.apply_lora(model, config.lora, seed=config.seed)
     model = sharding_lib.shard_model(model, mesh)
   return model
-
-
-def checkpoint_meta(config: TrainConfig, model_cfg: Qwen2Config) -> dict:
-  return {"model": model_cfg.to_hf_dict(), "policy": model_cfg.policy(),
-          "lora": dataclasses.asdict(config.lora), "trainer": config.trainer}
 
 
 def _throughput(trainer: Trainer, metrics: dict[str, float]) -> dict[str, float]:
@@ -104,7 +97,7 @@ def run(config: TrainConfig, make_trainer: Callable[[TrainConfig, Mesh, Qwen2Con
   if primary:
     run_dir.mkdir(parents=True, exist_ok=True)
     if operative_config is not None:
-      _atomic_write(run_dir / "operative_config.gin", operative_config)
+      fileio.write_text(run_dir / "operative_config.gin", operative_config)
     tok.save(run_dir)  # the run directory is a tokenizer directory too: tokenizer.load(run_dir)
   mesh = sharding_lib.make_mesh(config.mesh)
   model_cfg = model_config(config)
@@ -113,7 +106,7 @@ def run(config: TrainConfig, make_trainer: Callable[[TrainConfig, Mesh, Qwen2Con
   trainer.bind(lay)
   ckpt = checkpoint_lib.Checkpointer(run_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   iterator = trainer.data_iterator()
-  restored = ckpt.restore(lay.abstract, iterator)
+  restored = _restore(ckpt, lay.abstract, iterator)
   if restored is None:
     state = state_lib.init_state(build_model(config, model_cfg, mesh), trainer.tx, lay, config.seed)
     start = 0
@@ -121,7 +114,7 @@ def run(config: TrainConfig, make_trainer: Callable[[TrainConfig, Mesh, Qwen2Con
   else:
     state, start = restored
     print(f"rrjax.train: resumed {run_dir} at step {start}", flush=True)
-  meta = checkpoint_meta(config, model_cfg)
+  meta = checkpoint_lib.meta_for(model_cfg, config.lora, config.trainer)
   logger = logger_lib.MetricsLogger(run_dir, resume_step=start, enabled=primary)
   if operative_config and start == 0:
     logger.text("operative_config", operative_config)
@@ -149,9 +142,9 @@ def run(config: TrainConfig, make_trainer: Callable[[TrainConfig, Mesh, Qwen2Con
       if (step + 1) % config.log_every == 0 or step + 1 == total:
         logger.log(step + 1, metrics, total_steps=total)
       if (step + 1) % config.checkpoint.every_steps == 0 or step + 1 == total:
-        ckpt.save(step + 1, state, iterator, meta)
+        _save(ckpt, step + 1, state, iterator, meta)
     if total > start and total not in ckpt.steps():
-      ckpt.save(total, state, iterator, meta)
+      _save(ckpt, total, state, iterator, meta)
   finally:
     ckpt.close()
     logger.close()
@@ -159,14 +152,23 @@ def run(config: TrainConfig, make_trainer: Callable[[TrainConfig, Mesh, Qwen2Con
     logger_lib.plot(run_dir)
   if config.export_hf and total > 0:
     model = state_lib.model_from_state(lay, state)
-    if config.lora.rank:
-      model = lora_lib.merge_lora(model)
+    model = lora_lib.merge_lora(model)
     out = hf.save_hf(model, run_dir / "hf", dtype=config.export_dtype, tokenizer=tok)
     print(f"rrjax.train: exported Hugging Face checkpoint to {out}", flush=True)
   return state
 
 
-def _atomic_write(path: Path, text: str) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
+def _save(ckpt: checkpoint_lib.Checkpointer, step: int, state: state_lib.TrainState, iterator, meta: dict) -> None:
+  train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+  ckpt.save(step, {"trainable": state.params, "frozen": state.frozen}, train, iterator, meta)
+
+
+def _restore(ckpt: checkpoint_lib.Checkpointer, abstract: state_lib.TrainState, iterator):
+  """(state, step) of the newest restorable checkpoint, or None."""
+  train = {"step": abstract.step, "opt_state": abstract.opt_state, "rng": abstract.rng}
+  restored = ckpt.restore({"trainable": abstract.params, "frozen": abstract.frozen}, train, iterator)
+  if restored is None:
+    return None
+  p, t, step = restored
+  return state_lib.TrainState(t["step"], p["trainable"], p["frozen"], t["opt_state"], t["rng"]), step
+

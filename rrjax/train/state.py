@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rrjax import sharding as sharding_lib
+from rrjax.model import lora as lora_lib
 
 
 class TrainState(NamedTuple):
@@ -30,15 +31,9 @@ class TrainState(NamedTuple):
   rng: jax.Array  # uint32 key data, split every step
 
 
-def trainable_filter(model: nnx.Module):
-  """LoRA adapters when the model has any, else every parameter."""
-  has_lora = any(isinstance(v, nnx.LoRAParam) for _, v in nnx.to_flat_state(nnx.state(model)))
-  return nnx.LoRAParam if has_lora else nnx.Param
-
-
 def split_model(model: nnx.Module):
   """(graphdef, trainable state, frozen state) as nnx.State objects."""
-  return nnx.split(model, trainable_filter(model), ...)
+  return nnx.split(model, lora_lib.trainable(model.config), ...)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,22 +53,12 @@ def _replicated(mesh):
   return NamedSharding(mesh, PartitionSpec())
 
 
-def abstract_params(model_fn: Callable[[], nnx.Module], mesh: Mesh):
-  """(graphdef, trainable, frozen): pure dicts of ShapeDtypeStructs on their logical-axis shardings."""
-  graphdef, trainable, frozen = split_model(nnx.eval_shape(model_fn))
-
-  def with_shardings(state):
-    shardings = sharding_lib.state_shardings(state, mesh)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        nnx.to_pure_dict(state), shardings)
-
-  return graphdef, with_shardings(trainable), with_shardings(frozen)
-
-
 def layout(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh: Mesh) -> StateLayout:
   """Shapes from `nnx.eval_shape(model_fn)`, parameter shardings from the logical-axis rules, optimizer
   state shardings from compiling (not running) `tx.init` on them."""
-  graphdef, p_abs, f_abs = abstract_params(model_fn, mesh)
+  abstract_model = nnx.eval_shape(model_fn)
+  graphdef, p_abs, f_abs = sharding_lib.abstract_state(abstract_model, mesh,
+                                                       lora_lib.trainable(abstract_model.config), ...)
   with jax.set_mesh(mesh):
     compiled = jax.jit(tx.init).lower(p_abs).compile()
   o_shapes = jax.eval_shape(tx.init, p_abs)

@@ -1,0 +1,56 @@
+"""gin at the entry points (train, rerank, demo): one way to find files, parse them and report errors.
+
+A gin file name, and every `include` inside one, resolves against: the directory of the file being read,
+the working directory, the entry point's own folder of configs (`configs/rerank` for rerank), `configs/`,
+and the repository root (so `include 'configs/mesh/cpu.gin'` works from anywhere). gin's errors become
+one-line ValueErrors. The library never sees gin: `make()` returns the frozen dataclasses it takes.
+"""
+
+from __future__ import annotations
+
+import importlib.util  # noqa: F401  gin 0.5.0 needs it loaded before relative includes
+from pathlib import Path
+from typing import Callable, Sequence, TypeVar
+
+import gin
+import gin.config
+
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+
+T = TypeVar("T")
+
+
+def _roots(subdir: str | None) -> list[Path]:
+  roots = [Path.cwd()]
+  if subdir:
+    roots.append(CONFIG_ROOT / subdir)
+  return roots + [CONFIG_ROOT, CONFIG_ROOT.parent]
+
+
+def resolve(name: str | Path, subdir: str | None = None) -> Path:
+  """The gin file that `name` refers to (see the module docstring), or a ValueError naming it."""
+  if Path(name).is_absolute():
+    candidates = [Path(name)]
+  else:
+    candidates = [root / name for root in _roots(subdir)]
+  for path in candidates:
+    if path.is_file():
+      return path
+  raise ValueError(f"{name}: gin file not found")
+
+
+def parse(gin_files: Sequence[str | Path], gin_params: Sequence[str], make: Callable[[], T], *,
+          subdir: str | None = None) -> T:
+  """Parses `gin_files` and `gin_params` afresh and returns `make()` (a configurable reading them)."""
+  files = [resolve(f, subdir) for f in gin_files]
+  search = list(dict.fromkeys([f.parent for f in files] + _roots(subdir)))
+  with gin.unlock_config():
+    gin.clear_config()
+    # gin 0.5 keeps one global, ever-growing list of include prefixes: set it to this parse's own.
+    gin.config._LOCATION_PREFIXES[:] = [""] + [str(p) for p in search]
+    try:
+      gin.parse_config_files_and_bindings([str(f) for f in files], list(gin_params), finalize_config=False)
+      return make()
+    except Exception as e:  # gin raises ValueError, KeyError, TypeError, IOError, TokenError; messages name file:line
+      where = ", ".join(str(f) for f in gin_files) or "--gin_param"
+      raise ValueError(f"gin ({where}): {' '.join(str(e).split())}") from None

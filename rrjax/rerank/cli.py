@@ -1,0 +1,175 @@
+"""`python -m rrjax.rerank --model M --run R --queries Q --corpus C --out OUT.trec`: rerank a first-stage run.
+
+Modes: `listwise` (ReasonRank: top-100, windows of 20, stride 10, back to front, every query's k-th window
+in one batch), `full` (one prompt over all top-k passages) and `pointwise` (Rank1). Settings come from
+upstream's defaults, then `--gin_file`/`--gin_param` (`RerankSettings.window = 20`, see configs/rerank/),
+then flags. With a RankGPT json as --corpus, --run and --queries default to that file's. Every input is
+read and checked before the model loads; bad input is one stderr line naming the file, line and id, exit 2,
+and nothing written. The run (OUT.trec) and a report (OUT.json: settings, per-query windows, tokens, parser
+fallbacks, throughput, metrics against --qrels) are written atomically at the end.
+
+Several hosts: each reranks every `process_count`-th query with its own model replica on its local devices,
+the rankings meet through a collective (no shared filesystem needed), and process 0 writes one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Any, Callable, Mapping, Sequence
+
+import gin
+
+from rrjax import distributed, gin_config
+from rrjax.data import trec
+from rrjax.data.inputs import load_inputs
+from rrjax.ranking import rerank_loop as loop
+from rrjax.ranking.prompt import MODES as PROMPT_MODES
+from rrjax.rerank import report as report_lib
+from rrjax.rerank.runner import rerank
+from rrjax.rerank.settings import FIELDS, RerankSettings
+
+
+def _settings_fields(**kwargs):
+  return kwargs
+
+
+# gin collects the bindings as keyword arguments, so an unknown field gets our message, not gin's.
+_GIN_SETTINGS = gin.external_configurable(_settings_fields, name="RerankSettings")
+
+
+def settings_from_gin(files: Sequence[str] = (), params: Sequence[str] = (),
+                      base: RerankSettings = RerankSettings()) -> RerankSettings:
+  """`base` with the `RerankSettings.field = value` bindings of gin files and parameters applied; names
+  resolve as rrjax.gin_config describes, with configs/rerank/ first."""
+  if not files and not params:
+    return base
+  kwargs = gin_config.parse(files, params, _GIN_SETTINGS, subdir="rerank")
+  unknown = sorted(set(kwargs) - set(FIELDS))
+  if unknown:
+    raise ValueError(f"gin ({', '.join(map(str, files)) or '--gin_param'}): unknown RerankSettings field(s) "
+                     f"{', '.join(unknown)}; known: {', '.join(FIELDS)}")
+  return dataclasses.replace(base, **kwargs)
+
+
+def _positive(text: str) -> int:
+  value = int(text)
+  if value <= 0:
+    raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+  return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+  ap = argparse.ArgumentParser(prog="python -m rrjax.rerank", description=__doc__.split("\n")[0],
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--model", required=True, help="a Hugging Face Qwen2 directory or an rrjax checkpoint")
+  distributed.add_flags(ap)
+  ap.add_argument("--run", help="first-stage TREC run (default: the RankGPT --corpus's)")
+  ap.add_argument("--queries", help="topics, tsv `qid<TAB>query` or jsonl (default: the RankGPT --corpus's)")
+  ap.add_argument("--corpus", required=True, help="jsonl corpus, or a RankGPT json [{query, hits}]")
+  ap.add_argument("--out", required=True, help="the reranked TREC run; the report goes next to it as .json")
+  ap.add_argument("--qrels", help="TREC qrels: report NDCG@1/5/10 and Recall@k, ours and the first stage's")
+  ap.add_argument("--gin_file", action="append", default=[], help="gin file(s) binding RerankSettings.*")
+  ap.add_argument("--gin_param", action="append", default=[], help="e.g. 'RerankSettings.window = 20'")
+  ap.add_argument("--dtype", help="model dtype (default: float32 on CPU, bfloat16 on accelerators)")
+  ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+  flags = ap.add_argument_group("settings (override gin; defaults are upstream's)")
+  flags.add_argument("--mode", choices=loop.RERANK_MODES)
+  flags.add_argument("--top-k", type=_positive)
+  flags.add_argument("--window", type=_positive)
+  flags.add_argument("--stride", type=_positive)
+  flags.add_argument("--max-passage-tokens", type=int)
+  flags.add_argument("--max-new-tokens", type=_positive)
+  flags.add_argument("--min-new-tokens", type=int)
+  flags.add_argument("--batch-size", type=_positive, help="rows per decode call (default: a whole round)")
+  flags.add_argument("--temperature", type=float)
+  flags.add_argument("--top-p", type=float)
+  flags.add_argument("--seed", type=int)
+  flags.add_argument("--prompt-mode", choices=PROMPT_MODES)
+  flags.add_argument("--max-queries", type=_positive, help="only the run's first N queries")
+  flags.add_argument("--tag", help="the run's tag column")
+  return ap
+
+
+def resolve_settings(args: argparse.Namespace) -> RerankSettings:
+  settings = settings_from_gin(args.gin_file, args.gin_param)
+  flags = {f: getattr(args, f) for f in FIELDS if getattr(args, f, None) is not None}
+  return dataclasses.replace(settings, **flags)
+
+
+def _qid(query: Any) -> str:
+  return str(query["qid"]) if isinstance(query, Mapping) else str(query.qid)
+
+
+def share(queries: Sequence, process_index: int | None = None, process_count: int | None = None) -> list:
+  """This process's queries: every `process_count`-th, starting at `process_index`."""
+  import jax
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  return list(queries[index::count])
+
+
+def rerank_across_processes(queries: Sequence, rerank_queries: Callable[[list], Mapping[str, Any]]
+                            ) -> dict[str, dict[str, float]]:
+  """{qid: {docid: score}} of every query, in input order and each in its reranked order, on every process.
+  `rerank_queries(share)` returns {qid: [(docid, score), ...] or {docid: score}} for this process's share
+  (possibly empty); the shares travel as JSON through a collective."""
+  order = [_qid(q) for q in queries]
+  if len(set(order)) != len(order):
+    raise ValueError(f"query {next(q for q in order if order.count(q) > 1)!r} appears more than once")
+  mine = share(queries)
+  local = {str(q): list(dict(r).items()) for q, r in rerank_queries(mine).items()}
+  if set(local) != {_qid(q) for q in mine}:
+    raise ValueError(f"rerank_queries returned the wrong queries ({sorted(local)[:5]} for "
+                     f"{[_qid(q) for q in mine][:5]})")
+  merged = {}
+  for blob in distributed.allgather_bytes(json.dumps(local).encode()):  # float repr round-trips exactly
+    merged.update(json.loads(blob))
+  if set(merged) != set(order):  # a process that lost queries would otherwise shorten the run silently
+    raise ValueError(f"merged rankings cover {len(merged)} of {len(order)} queries")
+  return {q: dict(merged[q]) for q in order}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  settings = resolve_settings(args)
+  report_lib.report_path(args.out)  # a bad --out fails before any work
+  inputs = load_inputs(args.corpus, args.run, args.queries, top_k=settings.top_k, max_queries=settings.max_queries)
+  qrels = trec.read_qrels(args.qrels) if args.qrels else None
+
+  from rrjax import tokenizer as tokenizer_lib
+  from rrjax.checkpoints import from_pretrained
+
+  distributed.initialize_from_args(args)
+  # One model per process on its own devices: with several hosts, each reranks its share of the queries.
+  model = from_pretrained(args.model, dtype=args.dtype)
+  tokenizer = tokenizer_lib.load(args.model)
+  outputs = []
+
+  def rerank_share(queries):
+    outputs.append(rerank(queries, model, tokenizer, settings, progress=not args.no_progress))
+    return loop.to_run(outputs[-1].ranked)
+
+  reranked = rerank_across_processes(inputs.queries, rerank_share)
+  extra = {"model": str(args.model), "gin_files": list(args.gin_file), "gin_params": list(args.gin_param)}
+  sources = {**inputs.sources, "qrels": args.qrels}
+  own = report_lib.build_report(settings, outputs[0], sources=sources, extra=extra)
+  report = report_lib.merge_reports(distributed.allgather_json(own))
+  if qrels is not None:
+    report["metrics"] = report_lib.evaluate_both(qrels, reranked, inputs.first_stage, settings.top_k)
+  try:
+    if distributed.is_primary():
+      # Written in reranked order; the slot scores keep trec_eval's order equal to it unless the first stage tied.
+      report_lib.write_outputs(args.out, reranked, report, tag=settings.tag)
+  finally:
+    distributed.barrier("rrjax_rerank_written")
+  totals, metrics = report["totals"], report.get("metrics")
+  line = (f"rrjax.rerank: {totals['queries']} queries, {totals['generated_tokens']} generated tokens in "
+          f"{totals['wall_seconds']:.1f}s -> {args.out}")
+  if metrics is not None:
+    line += "; " + ", ".join(f"{k} {v:.4f} (first stage {metrics['first_stage'][k]:.4f})"
+                             for k, v in metrics["reranked"].items())
+  print(line, file=sys.stderr)
+  return 0

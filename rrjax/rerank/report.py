@@ -1,0 +1,114 @@
+"""A rerank's report (settings, per-query windows or Rank1 scores, totals, metrics) and the one writer of a
+rerank's outputs: the TREC run and its JSON report, each written atomically."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from rrjax import fileio
+from rrjax.data import trec
+from rrjax.rerank.runner import RerankOutput
+from rrjax.rerank.settings import RerankSettings
+
+
+def metric_names(top_k: int) -> list[str]:
+  return ["ndcg@1", "ndcg@5", "ndcg@10", f"recall@{top_k}"]
+
+
+def build_report(settings: RerankSettings, out: RerankOutput, *, sources: Mapping[str, str] | None = None,
+                 metrics: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> dict:
+  """The JSON report: settings, per query (windows or Rank1 scores), totals, metrics."""
+  per_query, parsers = {}, collections.Counter()
+  prompt_tokens = generated_tokens = steps = 0
+  for r in out.ranked:
+    if r.pointwise is not None:
+      scores = r.pointwise
+      entry = {"documents": len(scores),
+               "prompt_tokens": sum(x.prompt_tokens for x in scores.values()),
+               "generated_tokens": sum(x.generated_tokens for x in scores.values()),
+               "sources": dict(collections.Counter(x.source for x in scores.values())),
+               "scores": {d: x.score for d, x in scores.items()}}
+      parsers.update(entry["sources"])
+      steps += len(scores)
+    else:
+      windows = [dataclasses.asdict(w) for w in r.windows]
+      entry = {"windows": windows, "prompt_tokens": sum(w.prompt_tokens for w in r.windows),
+               "generated_tokens": sum(w.generated_tokens for w in r.windows),
+               "parsers": dict(collections.Counter(w.parser for w in r.windows))}
+      parsers.update(entry["parsers"])
+      steps += len(windows)
+    prompt_tokens += entry["prompt_tokens"]
+    generated_tokens += entry["generated_tokens"]
+    per_query[r.qid] = entry
+  n = len(out.ranked)
+  totals = {"queries": n, "prompts" if settings.mode == "pointwise" else "windows": steps,
+            "prompt_tokens": prompt_tokens, "generated_tokens": generated_tokens,
+            "wall_seconds": out.wall_seconds, "generate_seconds": out.generate_seconds,
+            "tokens_per_second": generated_tokens / out.generate_seconds if out.generate_seconds else None,
+            "queries_per_second": n / out.wall_seconds if out.wall_seconds else None,
+            "parsers" if settings.mode != "pointwise" else "sources": dict(parsers)}
+  report = {"settings": dataclasses.asdict(settings), **(extra or {}), "inputs": dict(sources or {}),
+            "totals": totals}
+  if metrics is not None:
+    report["metrics"] = dict(metrics)
+  report["queries"] = per_query
+  return report
+
+
+def merge_reports(reports: Sequence[dict]) -> dict:
+  """One report from the per-process reports of a multi-host run (a single report is returned as is)."""
+  if len(reports) == 1:
+    return reports[0]
+  merged = {**reports[0], "queries": {q: e for r in reports for q, e in r["queries"].items()}}
+  totals = dict(reports[0]["totals"])
+  for key in ("queries", "windows", "prompts", "prompt_tokens", "generated_tokens"):
+    if key in totals:
+      totals[key] = sum(r["totals"][key] for r in reports)
+  for key in ("wall_seconds", "generate_seconds"):
+    totals[key] = max(r["totals"][key] for r in reports)
+  counts = collections.Counter()
+  for r in reports:
+    counts.update(r["totals"].get("parsers") or r["totals"].get("sources") or {})
+  totals["parsers" if "parsers" in totals else "sources"] = dict(counts)
+  totals["tokens_per_second"] = totals["generated_tokens"] / totals["generate_seconds"] if totals["generate_seconds"] else None
+  totals["queries_per_second"] = totals["queries"] / totals["wall_seconds"] if totals["wall_seconds"] else None
+  totals["processes"] = len(reports)
+  merged["totals"] = totals
+  return merged
+
+
+def evaluate_both(qrels, reranked: Mapping, first_stage: Mapping, top_k: int) -> dict:
+  """NDCG@1/5/10 and Recall@k of the reranked run and of the first stage's top-k, trec_eval semantics."""
+  from rrjax.eval import evaluate
+
+  names = metric_names(top_k)
+  ours = evaluate(qrels, reranked, names)
+  base = evaluate(qrels, first_stage, names)
+  return {"num_queries": len(ours["per_query"]), "reranked": ours["mean"], "first_stage": base["mean"]}
+
+
+def report_path(out: str | os.PathLike) -> Path:
+  """OUT.trec -> OUT.json (a .gz suffix is dropped first)."""
+  out = Path(out)
+  base = out.with_suffix("") if out.suffix == ".gz" else out
+  path = base.with_suffix(".json")
+  if path == out:
+    raise ValueError(f"{out}: the run cannot end in .json (the report goes to {path})")
+  return path
+
+
+def write_outputs(out: str | os.PathLike, run: Mapping[str, Mapping[str, float]], report: Mapping[str, Any], *,
+                  tag: str = "rrjax") -> Path:
+  """Writes the run (in the given order: the reranked one) to `out` and the report next to it; returns the
+  report's path. Both appear whole or not at all."""
+  path = report_path(out)
+  trec.write_run(out, run, tag=tag, sort=False)
+  with fileio.atomic_open(path) as f:
+    json.dump(report, f, indent=1)
+    f.write("\n")
+  return path

@@ -1,0 +1,52 @@
+"""Settings of a rerank: the mode, the windows, the passage cut and the decoding; defaults are upstream's."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from rrjax.ranking.prompt import MODES as PROMPT_MODES
+from rrjax.ranking.rerank_loop import RERANK_MODES
+
+
+@dataclasses.dataclass(frozen=True)
+class RerankSettings:
+  """Reranking settings; the defaults are upstream's (run_rank_llm.sh, rank_listwise_os_llm.py)."""
+
+  mode: str = "listwise"  # listwise | full | pointwise
+  top_k: int = 100  # candidates reranked per query (upstream retrieval_num); the rest are dropped
+  window: int = 20
+  stride: int = 10
+  max_passage_tokens: int = 512  # 512 on BRIGHT, 100 on BEIR/DL (upstream DOC_MAXLEN)
+  max_new_tokens: int = 3172  # reasoning_maxlen 3072 + 100
+  min_new_tokens: int = 0
+  batch_size: int | None = None  # rows per decode call; None: every prompt of a round in one call
+  temperature: float = 0.0
+  top_p: float = 1.0
+  seed: int = 0
+  prompt_mode: str = "reasoning"  # reasoning (rank_GPT_reasoning) | plain (rank_GPT)
+  max_queries: int | None = None  # only the run's first N queries
+  tag: str = "rrjax"
+
+  def __post_init__(self):
+    if self.mode not in RERANK_MODES:
+      raise ValueError(f"mode must be one of {RERANK_MODES}, got {self.mode!r}")
+    if self.prompt_mode not in PROMPT_MODES:
+      raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {self.prompt_mode!r}")
+    for name in ("top_k", "window", "stride", "max_new_tokens"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+    for name in ("batch_size", "max_queries"):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, int) or value <= 0):
+        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+    if self.max_passage_tokens < 0 or self.min_new_tokens < 0:
+      raise ValueError("max_passage_tokens and min_new_tokens must be >= 0")
+    if self.min_new_tokens > self.max_new_tokens:
+      raise ValueError(f"min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}")
+    if self.temperature < 0 or not 0 < self.top_p <= 1:
+      raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+    if not self.tag or any(c.isspace() for c in self.tag):
+      raise ValueError(f"tag must be non-empty without whitespace: {self.tag!r}")
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(RerankSettings))
