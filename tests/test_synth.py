@@ -46,7 +46,7 @@ class Server:
   def __init__(self, script):
     self.script = script
     self.lock = threading.Lock()
-    self.requests: list[dict] = []     # every request: path, auth, body
+    self.requests: list[dict] = []     # every request: path, auth, body, headers (lower-cased names)
     self.attempts: dict[str, int] = {}
     self.in_flight = self.max_in_flight = 0
     server = self
@@ -59,7 +59,8 @@ class Server:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         key = request_key(body)
         with server.lock:
-          server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+          server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body,
+                                  "headers": {k.lower(): v for k, v in self.headers.items()}})
           attempt = server.attempts[key] = server.attempts.get(key, 0) + 1
           server.in_flight += 1
           server.max_in_flight = max(server.max_in_flight, server.in_flight)
@@ -203,6 +204,42 @@ def test_client_gives_up_after_max_retries_and_on_4xx(server_factory, key_env):
   assert client.complete_many([conv(0), conv(1)]) == [None, None]
   assert client.stats.failed == 2 and client.stats.retries == 2
   assert sorted(server.attempts.values()) == [1, 3]  # 4xx is not retried
+
+
+def test_client_sends_only_the_key_named_by_api_key_env(server_factory, key_env, monkeypatch):
+  # The SDK's own environment credentials and OpenAI ids must not reach an arbitrary base_url.
+  monkeypatch.setenv("OPENAI_API_KEY", "sk-ambient")
+  monkeypatch.setenv("OPENAI_CUSTOM_HEADERS", "Authorization: Bearer sk-custom")
+  monkeypatch.setenv("OPENAI_ORG_ID", "org-ambient")
+  monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-ambient")
+  server = server_factory()
+  client_for(server).complete(conv(0))
+  client_for(server, api_key_env=None).complete(conv(1))
+  assert [r["auth"] for r in server.requests] == [f"Bearer {KEY}", None]
+  assert not any(h in r["headers"] for r in server.requests for h in ("openai-organization", "openai-project"))
+
+
+def test_client_retry_after_ms_and_long_retry_after(server_factory, key_env, caplog):
+  def script(body, attempt):
+    text = body["messages"][0]["content"]
+    if text == "question 0" and attempt == 1:
+      return 429, b"slow down", 0.0, {"retry-after-ms": "70"}
+    if text == "question 1":
+      return 503, b"down for maintenance", 0.0, {"Retry-After": "3600"}  # over the SDK's 2 minutes: not retried
+    return 200, ok("fine"), 0.0, {}
+
+  server = server_factory(script)
+  sleeps = []
+  client = client_for(server, sleeps=sleeps, max_concurrency=1)
+  with caplog.at_level("WARNING", logger="rrjax.synth"):
+    answers = client.complete_many([conv(0), conv(1)])
+  assert answers[0].content == "fine" and answers[1] is None
+  assert sleeps == pytest.approx([0.07]) and server.attempts[request_key(client.body(conv(1)))] == 1
+  assert client.stats.as_dict() == {"sent": 3, "answered": 1, "cache_hits": 0, "retries": 1, "failed": 1,
+                                    "malformed": 0}
+  (record,) = caplog.records
+  assert record.getMessage().startswith(f"{server.base_url}/chat/completions: HTTP 503 Service Unavailable")
+  assert KEY not in record.getMessage() and "\n" not in record.getMessage()
 
 
 def test_client_counts_and_skips_malformed_answers(server_factory, key_env, tmp_path):

@@ -1,39 +1,40 @@
-"""A small OpenAI-compatible chat-completions client: bounded concurrency, retries, an on-disk cache.
+"""A small OpenAI-compatible chat-completions client on the `openai` SDK: bounded concurrency, an on-disk cache.
 
-POST {base_url}/chat/completions with `{"model", "messages"[, "temperature", "max_tokens"]}` and, when
-`api_key_env` names a set environment variable, `Authorization: Bearer <its value>`. The key is read
-at request time and never stored, logged or put in an error message.
+POST {base_url}/chat/completions with `{"model", "messages"[, "temperature", "max_tokens"]}` through
+`openai.OpenAI(base_url=...)`, so any OpenAI-compatible server works. `Authorization: Bearer <key>` is sent only
+when `api_key_env` names an environment variable, read at request time; the key is never written to the cache,
+logged or put in an error message. The SDK's own credentials from the environment (OPENAI_API_KEY, ...) are not used.
 
-- Retries: HTTP 429 and 5xx, timeouts and connection errors are retried up to `max_retries` times with
-  exponential backoff (backoff_s * 2**attempt, capped at max_backoff_s; a Retry-After header wins when
-  it asks for longer, within the cap). Other HTTP errors fail at once.
+- Retries: the SDK decides what to retry (HTTP 408/409/429/5xx, timeouts, connection errors; not a Retry-After
+  over 2 minutes) and re-sends, up to `max_retries` times. rrjax sets the wait: backoff_s * 2**retry, capped at
+  max_backoff_s, or the server's Retry-After(-ms) when that asks for longer (within the cap). Other HTTP errors
+  fail at once. A request that fails is counted in `stats.failed`, logged in one line, and comes back as None.
 - Malformed answers (a 200 whose body is not JSON or has no `choices[0].message` with string content)
   are counted in `stats.malformed` and come back as None; they are not cached, so a rerun asks again.
 - Cache: one file per request, `cache_dir/<sha[:2]>/<sha>.json`, sha = sha256 of the canonical JSON body,
-  written atomically as soon as the answer arrives. A killed run therefore resumes without asking
-  anything it already has an answer for. Identical requests in one batch are sent once.
+  holding the server's JSON verbatim, written atomically as soon as the answer arrives. A killed run therefore
+  resumes without asking anything it already has an answer for. Identical requests in one batch are sent once.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
-import email.utils
 import hashlib
-import http.client
 import json
+import logging
 import os
-import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
+
+import openai
 
 from rrjax.data.trec import atomic_open
 
 Messages = Sequence[Mapping[str, str]]
+log = logging.getLogger("rrjax.synth")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,31 +82,12 @@ class ClientStats:
     return dataclasses.asdict(self)
 
 
-class _Retryable(Exception):
-  def __init__(self, what: str, retry_after: float | None = None):
-    super().__init__(what)
-    self.retry_after = retry_after
-
-
 class _Malformed(Exception):
   pass
 
 
 def request_key(body: Mapping[str, Any]) -> str:
   return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def _retry_after(value: str | None) -> float | None:
-  if not value:
-    return None
-  try:
-    return max(0.0, float(value))
-  except ValueError:
-    try:
-      parsed = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-      return None
-    return max(0.0, parsed.timestamp() - time.time())
 
 
 def parse_response(raw: Any) -> ChatResponse:
@@ -123,8 +105,25 @@ def parse_response(raw: Any) -> ChatResponse:
   return ChatResponse(content, reasoning)
 
 
+class _OpenAI(openai.OpenAI):
+  """The SDK client, waiting between its retries through `wait(retries_taken, retry_after_s)` instead of its own
+  jittered sleep, so the schedule is rrjax's and a test can fake the clock."""
+
+  def __init__(self, *, wait: Callable[[int, float | None], None], **kwargs):
+    super().__init__(**kwargs)
+    self._wait = wait
+
+  def _sleep_for_retry(self, *, retries_taken, max_retries, options, response) -> None:
+    self._wait(retries_taken, self._parse_retry_after_header(response.headers) if response is not None else None)
+
+
+if not all(callable(getattr(openai.OpenAI, m, None)) for m in ("_sleep_for_retry", "_parse_retry_after_header")):
+  # Without them the SDK would wait on its own schedule and stats.retries would stay 0: fail loudly instead.
+  raise ImportError(f"openai {openai.__version__} lacks the retry hooks rrjax.synth.client uses; need openai>=3.57")
+
+
 class ChatClient:
-  """Thread-pooled chat-completions calls with retries and a per-request file cache."""
+  """Thread-pooled chat-completions calls through the openai SDK, with a per-request file cache."""
 
   def __init__(self, config: ClientConfig, sleep: Callable[[float], None] = time.sleep):
     self.config = config
@@ -132,6 +131,9 @@ class ChatClient:
     self._sleep = sleep
     self._lock = threading.Lock()
     self.url = config.base_url.rstrip("/") + "/chat/completions"
+    # api_key is a placeholder the SDK insists on: every request sets (or omits) Authorization itself.
+    self._sdk = _OpenAI(base_url=config.base_url, api_key="set-per-request", max_retries=config.max_retries,
+                        timeout=config.timeout_s, wait=self._wait)
 
   def body(self, messages: Messages) -> dict[str, Any]:
     body: dict[str, Any] = {"model": self.config.model, "messages": [dict(m) for m in messages]}
@@ -158,8 +160,10 @@ class ChatClient:
       return None  # unreadable entry: ask again (and overwrite it)
     return dataclasses.replace(response, cached=True)
 
-  def _headers(self) -> dict[str, str]:
-    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+  def _headers(self) -> dict[str, Any]:
+    """Authorization from `api_key_env` only. Per-request headers win over the SDK's environment-derived ones
+    (OPENAI_API_KEY, OPENAI_CUSTOM_HEADERS, OPENAI_ORG_ID, OPENAI_PROJECT_ID), which rrjax never sends."""
+    headers: dict[str, Any] = {h: openai.Omit() for h in ("Authorization", "OpenAI-Organization", "OpenAI-Project")}
     name = self.config.api_key_env
     if name:
       key = os.environ.get(name)
@@ -168,52 +172,40 @@ class ChatClient:
       headers["Authorization"] = f"Bearer {key}"
     return headers
 
-  def _post_once(self, data: bytes) -> Any:
-    request = urllib.request.Request(self.url, data=data, headers=self._headers(), method="POST")
-    self._count("sent")
-    try:
-      with urllib.request.urlopen(request, timeout=self.config.timeout_s) as response:
-        payload = response.read()
-    except urllib.error.HTTPError as e:
-      if e.code == 429 or 500 <= e.code < 600:
-        raise _Retryable(f"HTTP {e.code}", _retry_after(e.headers.get("Retry-After"))) from None
-      raise ValueError(f"{self.url}: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException) as e:
-      raise _Retryable(type(e).__name__) from None
-    try:
-      return json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-      raise _Malformed("body is not JSON") from None
+  def _wait(self, retries_taken: int, retry_after: float | None) -> None:
+    self._count("retries")
+    self._count("sent")  # the SDK re-sends right after the wait
+    delay = self.config.backoff_s * 2 ** retries_taken
+    if retry_after is not None:
+      delay = max(delay, retry_after)
+    self._sleep(min(delay, self.config.max_backoff_s))
 
   def _ask(self, body: dict[str, Any], key: str) -> ChatResponse | None:
-    data = json.dumps(body, ensure_ascii=False).encode()
-    for attempt in range(self.config.max_retries + 1):
-      try:
-        raw = self._post_once(data)
-        response = parse_response(raw)
-      except _Malformed:
-        self._count("malformed")
-        return None
-      except _Retryable as e:
-        if attempt == self.config.max_retries:
-          break
-        self._count("retries")
-        delay = self.config.backoff_s * 2 ** attempt
-        if e.retry_after is not None:
-          delay = max(delay, e.retry_after)
-        self._sleep(min(delay, self.config.max_backoff_s))
-        continue
-      except ValueError:  # a non-retryable HTTP status
-        self._count("failed")
-        return None
-      self._count("answered")
-      path = self._cache_path(key)
-      if path is not None:
-        with atomic_open(path) as f:
-          json.dump({"request": body, "response": raw}, f, ensure_ascii=False)
-      return response
+    self._count("sent")
+    try:
+      reply = self._sdk.chat.completions.with_raw_response.create(**body, extra_headers=self._headers())
+    except openai.APIStatusError as e:  # not retryable, or still failing after max_retries
+      return self._failed(f"HTTP {e.status_code} {e.response.reason_phrase}")
+    except openai.APITimeoutError:
+      return self._failed("timed out")
+    except openai.APIConnectionError:
+      return self._failed("connection failed")
+    try:
+      raw = json.loads(reply.content)  # parsed here, not by the SDK: the cache keeps the server's JSON verbatim
+      response = parse_response(raw)
+    except (ValueError, _Malformed):  # ValueError: not JSON / not UTF-8
+      self._count("malformed")
+      return None
+    self._count("answered")
+    path = self._cache_path(key)
+    if path is not None:
+      with atomic_open(path) as f:
+        json.dump({"request": body, "response": raw}, f, ensure_ascii=False)
+    return response
+
+  def _failed(self, what: str) -> None:
     self._count("failed")
-    return None
+    log.warning("%s: %s; giving up on this request", self.url, what)
 
   def complete_many(self, messages_list: Sequence[Messages],
                     on_result: Callable[[int, ChatResponse | None], None] | None = None) -> list[ChatResponse | None]:
@@ -234,8 +226,7 @@ class ChatClient:
         pending.setdefault(key, []).append(i)
     if not pending:
       return results
-    if self.config.api_key_env:
-      self._headers()  # a missing key fails once, before any thread starts
+    self._headers()  # a missing key fails once, before any thread starts
     pool = cf.ThreadPoolExecutor(max_workers=self.config.max_concurrency, thread_name_prefix="chat")
     try:
       futures = {pool.submit(self._ask, bodies[idx[0]], key): key for key, idx in pending.items()}
