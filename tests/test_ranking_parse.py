@@ -3,7 +3,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rrjax.ranking.parse import SOURCES, parse_permutation, parse_permutation_with_source
+from rrjax.ranking.parse import SOURCES, answer_ids, clean_response, parse_permutation, parse_permutation_with_source
 
 
 def test_regex_hit_ignores_digits_in_reasoning():
@@ -99,3 +99,11 @@ def test_fuzz_tag_soup_is_a_permutation(parts, n):
   perm, source = parse_permutation_with_source("".join(parts), n)
   assert sorted(perm) == list(range(n))
   assert source in SOURCES
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(alphabet=st.characters(codec="ascii"), max_size=60),
+                 st.text(alphabet=st.characters(codec="utf-8"), max_size=60)))
+def test_answer_ids_fast_path_is_clean_response(text):
+  # The parser and the reward read ids through answer_ids; its ASCII regex must be upstream's rule.
+  assert answer_ids(text) == clean_response(text).split()

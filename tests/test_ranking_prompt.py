@@ -223,3 +223,103 @@ def test_rank1(tok):
   true_id, false_id = pointwise.rank1_label_ids(tok)
   assert (true_id, false_id) == (830, 895)
   assert tok.decode([true_id]) == " true" and tok.decode([false_id]) == " false"
+
+
+# ---------------------------------------------------------------- the one passage rule vs its former copies
+# Verbatim copies of the four implementations the rule replaced (listwise prompt, Rank1, trec reader, teachers).
+
+
+def _old_listwise(passage, tokenizer, max_tokens=512):
+  import ftfy
+  if max_tokens is not None and max_tokens < 0:
+    raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+  doc = {"text": passage} if isinstance(passage, str) else passage
+  field = next((f for f in P.CONTENT_FIELDS if f in doc), None)
+  if field is None:
+    raise ValueError("fields")
+  content = doc[field]
+  if not isinstance(content, str):
+    raise ValueError("type")
+  if doc.get("title"):
+    if not isinstance(doc["title"], str):
+      raise ValueError("title type")
+    content = "Title: " + doc["title"] + " " + "Content: " + content
+  content = ftfy.fix_text(content.strip())
+  content = tokenizer.convert_tokens_to_string(tokenizer.tokenize(content)[:max_tokens])
+  return P.replace_number(content)
+
+
+def _old_rank1(doc, tokenizer, max_tokens=512):
+  import ftfy
+  doc = {"text": doc} if isinstance(doc, str) else doc
+  field = next((f for f in P.CONTENT_FIELDS if f in doc), None)
+  if field is None:
+    raise ValueError("fields")
+  content = str(doc[field])
+  if doc.get("title"):
+    content = "Title: " + str(doc["title"]) + " " + "Content: " + content
+  content = ftfy.fix_text(content.strip())
+  return tokenizer.convert_tokens_to_string(tokenizer.tokenize(content)[:max_tokens])
+
+
+def _old_trec_doc_content(doc):
+  content = next((doc[f] for f in ("text", "segment", "contents", "body", "passage") if f in doc), None)
+  if content is None:
+    raise KeyError("fields")
+  if doc.get("title"):
+    content = "Title: " + doc["title"] + " " + "Content: " + content
+  return content
+
+
+def _old_teacher_plain(passage):
+  if isinstance(passage, str):
+    return passage
+  text = next((passage[f] for f in ("text", "segment", "contents", "body", "passage") if f in passage), "")
+  return f"Title: {passage['title']} Content: {text}" if passage.get("title") else text
+
+
+PASSAGES = [
+    "plain [3] string",
+    "  \n\t lead and trail [12]  ",
+    {"title": "Ref [1]", "text": "  body [3]  "},
+    {"title": "", "text": "no title"},
+    {"title": None, "segment": "None title"},
+    {"title": "  T  ", "body": "x"},
+    {"passage": "only the passage field [2]"},
+    {"passage": "P", "body": "B", "contents": "C"},
+    {"text": "", "contents": "present-but-empty text wins"},
+    {"title": "cafÃ©", "text": "Ã©tÃ© â€” it&amp;s [4] done"},   # mojibake and an entity for ftfy
+    {"text": "e\u0301t\u00e9 \uff26\uff55\uff4c\uff4c 龘 dragon"},
+    {"docid": "d1", "title": "Long", "text": "The quick brown fox jumps over the lazy dog. " * 4},
+]
+MALFORMED = [{"title": "t"}, {"docid": "x"}, {"text": None}, {"text": 5}, {"title": 7, "text": "x"},
+             {"title": ["a"], "contents": "y"}]
+
+
+def test_rule_matches_every_former_copy(tok):
+  from rrjax.ranking import pointwise
+  for p in PASSAGES:
+    for n in (None, 0, 1, 7, 512):
+      assert P.passage_content(p, tok, n) == _old_listwise(p, tok, n), (p, n)
+      assert pointwise.rank1_passage(p, tok, n) == _old_rank1(p, tok, n), (p, n)
+    if not isinstance(p, str):
+      assert P.titled_content(p) == _old_trec_doc_content(p), p
+    assert P.titled_content(p) == _old_teacher_plain(p), p
+  assert P.passage_content(PASSAGES[0], tok) == "plain (3) string"
+  assert pointwise.rank1_passage(PASSAGES[0], tok) == "plain [3] string"
+  assert P.titled_content(PASSAGES[9]) == "Title: cafÃ© Content: Ã©tÃ© â€” it&amp;s [4] done"
+  assert P.passage_content(PASSAGES[9], tok) == "Title: café Content: été — it&s (4) done"
+
+
+def test_rule_rejects_what_the_listwise_copy_rejected(tok):
+  # Where the copies disagreed (Rank1 and the teachers coerced or defaulted), the rule keeps the listwise
+  # prompt's checks: a passage needs a content field, and content and title must be strings.
+  from rrjax.ranking import pointwise
+  for p in MALFORMED:
+    with pytest.raises(ValueError):
+      _old_listwise(p, tok)
+    for rule in (P.titled_content, lambda d: P.passage_content(d, tok), lambda d: pointwise.rank1_passage(d, tok)):
+      with pytest.raises(ValueError):
+        rule(p)
+  with pytest.raises(ValueError, match="max_tokens"):
+    pointwise.rank1_passage("p", tok, -1)

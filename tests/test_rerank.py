@@ -15,6 +15,7 @@ import pytest
 from rrjax import rerank as rr
 from rrjax import tokenizer as tokenizer_lib
 from rrjax.data import trec
+from rrjax.ranking import pointwise
 from rrjax.ranking import rerank_loop as loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,7 +110,7 @@ def test_cli_other_modes(mode, tiny_dir, dl19, tmp_path):
   entry = report["queries"][qid]
   if mode == "pointwise":
     assert entry["documents"] == 100 and sum(entry["sources"].values()) == 100
-    assert set(entry["sources"]) <= set(loop.POINTWISE_SOURCES)
+    assert set(entry["sources"]) <= set(pointwise.POINTWISE_SOURCES)
     scores = entry["scores"]
     assert all(0.0 <= s <= 1.0 for s in scores.values())
     order = [d for d, _ in trec.ranked(run[qid])]
@@ -137,7 +138,7 @@ def test_rank1_score_is_label_softmax_after_think(tok):
   ids = tok.encode_batch(prompts)
   gen = rrjax.generate(model, ids, max_new_tokens=6, stop_ids=tok.stop_ids)  # the scorer's compiled call
   for i, score in enumerate(got):
-    text, source = loop.rank1_reasoning(tok.decode(gen.tokens[i], skip_special_tokens=True))
+    text, source = pointwise.rank1_reasoning(tok.decode(gen.tokens[i], skip_special_tokens=True))
     logits_V = np.asarray(model(jnp.asarray([ids[i] + tok.encode(text)])))[0, -1].astype(np.float64)
     want = 1 / (1 + np.exp(logits_V[false_id] - logits_V[true_id]))
     assert score.score == pytest.approx(want, abs=1e-4)
@@ -237,10 +238,10 @@ def test_pointwise_loop_sorts_by_score_and_keeps_slots(inputs, tok):
 
 
 def test_rank1_reasoning_cut():
-  assert loop.rank1_reasoning("it is about fleas.</think> true") == ("it is about fleas.</think>", "think_end")
-  assert loop.rank1_reasoning("First. Second! Third is cut") == ("First. Second!\n</think>", "cut")
-  assert loop.rank1_reasoning("no sentence end") == ("\n</think>", "cut")
-  assert loop.rank1_reasoning("version 2.5 is out. and") == ("version 2.5 is out.\n</think>", "cut")
+  assert pointwise.rank1_reasoning("it is about fleas.</think> true") == ("it is about fleas.</think>", "think_end")
+  assert pointwise.rank1_reasoning("First. Second! Third is cut") == ("First. Second!\n</think>", "cut")
+  assert pointwise.rank1_reasoning("no sentence end") == ("\n</think>", "cut")
+  assert pointwise.rank1_reasoning("version 2.5 is out. and") == ("version 2.5 is out.\n</think>", "cut")
 
 
 def test_count_windows():

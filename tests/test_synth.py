@@ -455,6 +455,17 @@ def test_programmatic_teacher_is_correct(tokenizer):
   assert teacher.stats["malformed_rank"] == 1 and teacher.stats["malformed_judge"] == 1
 
 
+def test_programmatic_teacher_reads_passages_through_the_passage_rule():
+  # A passage with no string text field is unreadable (malformed; a non-string text used to raise
+  # AttributeError here), as is a titled one; text fields other than "text" count, by the rule's precedence.
+  teacher = ProgrammaticTeacher()
+  passages = [{"title": "t"}, {"text": 5}, {"title": "T", "text": "item a costs 2"}, "item b costs 2",
+              {"passage": " item c costs 4 "}, {"body": "item d costs 1", "passage": "item d costs 9"}]
+  got = teacher.judge([JudgeRequest("Which items cost less than 3?", p) for p in passages])
+  assert got == [None, None, None, True, False, True]
+  assert teacher.stats["malformed_judge"] == 3
+
+
 def test_lexical_first_stage_is_far_below_the_oracle_on_heldout():
   task = task_lib.generate(task_lib.TaskConfig(seed=0, num_train=0, num_test=300))
   scores = task_lib.measure(task.split("test"))

@@ -11,6 +11,7 @@ import pytest
 
 from rrjax import fileio
 from rrjax.data import trec
+from rrjax.ranking.prompt import titled_content
 
 TREC = Path(__file__).parent / "data" / "trec"
 
@@ -106,8 +107,8 @@ def test_corpus_field_precedence(tmp_path):
   corpus = trec.read_corpus(path)
   assert corpus == {"a": {"text": "seg", "title": "T"}, "b": {"text": "txt"}, "c": {"text": "bod"},
                     "d": {"text": "pas"}}
-  assert trec.doc_content(corpus["a"]) == "Title: T Content: seg"
-  assert trec.doc_content(rows[2]) == "bod"
+  assert titled_content(corpus["a"]) == "Title: T Content: seg"
+  assert titled_content(rows[2]) == "bod"
 
 
 def test_roundtrip_and_rank_order(tmp_path):

@@ -41,8 +41,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from rrjax.data.trec import ID_FIELDS, QUERY_ID_FIELDS, QUERY_TEXT_FIELDS, TEXT_FIELDS, TrecFormatError
-from rrjax.ranking.prompt import build_prompt
+from rrjax.data.trec import ID_FIELDS, QUERY_ID_FIELDS, QUERY_TEXT_FIELDS, TrecFormatError
+from rrjax.ranking.prompt import CONTENT_FIELDS, build_prompt
 
 PathLike = str | os.PathLike
 
@@ -128,7 +128,7 @@ def read_id_table(path: PathLike, kind: str = "doc") -> dict[str, Any]:
   if not files:
     raise TrecFormatError(path, None, "no .json/.jsonl files in directory")
   id_fields = QUERY_ID_FIELDS if kind == "query" else ID_FIELDS + ("qid",)
-  text_fields = QUERY_TEXT_FIELDS if kind == "query" else TEXT_FIELDS
+  text_fields = QUERY_TEXT_FIELDS if kind == "query" else CONTENT_FIELDS
   table: dict[str, Any] = {}
 
   def add(file, where, key, value):

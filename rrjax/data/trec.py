@@ -16,12 +16,14 @@ import math
 import os
 from typing import Any, Iterable, Iterator, Mapping
 
+<<<<<<< HEAD
 from rrjax.fileio import atomic_open
+=======
+from rrjax.ranking.prompt import CONTENT_FIELDS
+>>>>>>> passage-rule
 
 PathLike = str | os.PathLike
 
-# Upstream's convert_doc_to_prompt_content field precedence (ReasonRank utils.py).
-TEXT_FIELDS = ("text", "segment", "contents", "body", "passage")
 ID_FIELDS = ("docid", "_id", "id")
 QUERY_ID_FIELDS = ("id", "qid", "_id", "query_id")
 QUERY_TEXT_FIELDS = ("query", "text", "contents")
@@ -169,27 +171,16 @@ def _tsv_topics(path: PathLike) -> Iterator[tuple[int, str, str]]:
     yield n, qid.strip(), query
 
 
-def doc_content(doc: Mapping[str, Any]) -> str:
-  """Passage text as upstream builds it: first of text/segment/contents/body/passage, and
-  `Title: {title} Content: {text}` when a non-empty title exists (before strip/ftfy/truncation)."""
-  content = next((doc[f] for f in TEXT_FIELDS if f in doc), None)
-  if content is None:
-    raise KeyError(f"document has none of the fields {', '.join(TEXT_FIELDS)}")
-  if doc.get("title"):
-    content = "Title: " + doc["title"] + " " + "Content: " + content
-  return content
-
-
 def read_corpus(path: PathLike) -> dict[str, dict[str, str]]:
   """jsonl corpus -> {docid: {"text": ..., "title": ...}} ("title" only when present).
 
-  The id is the first of docid/_id/id; the text the first of text/segment/contents/body/passage
-  (upstream's precedence), so `doc_content(corpus[docid])` gives upstream's passage string.
+  The id is the first of docid/_id/id; the text the first non-null of rrjax.ranking.prompt.CONTENT_FIELDS
+  (upstream's precedence), so `titled_content(corpus[docid])` gives upstream's passage string.
   """
   corpus: dict[str, dict[str, str]] = {}
   for n, obj in json_lines(path):
     docid = _field(path, n, obj, ID_FIELDS, "document id")
-    text = _field(path, n, obj, TEXT_FIELDS, "text")
+    text = _field(path, n, obj, CONTENT_FIELDS, "text")
     if docid in corpus:
       raise TrecFormatError(path, n, f"duplicate document id {docid!r}")
     doc = {"text": text}

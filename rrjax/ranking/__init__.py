@@ -5,12 +5,13 @@ Prompt/parse/window code is pure Python; metrics and reward import jax lazily on
 
 import importlib
 
-from rrjax.ranking.parse import (ANSWER_PATTERN, SOURCES, answer_span, clean_response, parse_permutation,
-                                 parse_permutation_with_source)
-from rrjax.ranking.pointwise import rank1_label_ids, rank1_prompt
+from rrjax.ranking.parse import (ANSWER_PATTERN, ANSWER_RE, SOURCES, answer_ids, answer_span, clean_response,
+                                 parse_permutation, parse_permutation_with_source)
+from rrjax.ranking.pointwise import (POINTWISE_SOURCES, rank1_label_ids, rank1_passage, rank1_prompt,
+                                     rank1_reasoning)
 from rrjax.ranking.prompt import (CONTENT_FIELDS, MODES, SYSTEM_PROMPT, SYSTEM_PROMPT_REASONING,
                                   build_messages, build_prompt, passage_content, post_prompt, prefix_prompt,
-                                  replace_number, system_prompt, user_message)
+                                  replace_number, system_prompt, titled_content, user_message)
 from rrjax.ranking.rerank_loop import rerank_listwise, rerank_pointwise
 from rrjax.ranking.window import apply_permutation, full_list_window, sliding_windows
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from rrjax import decode
 from rrjax.ranking import rerank_loop as loop
-from rrjax.ranking.pointwise import rank1_label_ids
+from rrjax.ranking.pointwise import rank1_label_ids, rank1_reasoning
 
 
 class ModelBackend:
@@ -62,7 +62,7 @@ class ModelBackend:
     true_id, false_id = rank1_label_ids(self.tokenizer)
     ids = self.tokenizer.encode_batch(list(prompts))
     gen = self._generate(ids, max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens)
-    reasoning = [loop.rank1_reasoning(self.tokenizer.decode(t, skip_special_tokens=True)) for t in gen.tokens]
+    reasoning = [rank1_reasoning(self.tokenizer.decode(t, skip_special_tokens=True)) for t in gen.tokens]
     # One forward pass over prompt + reasoning + `</think>`: the last position's logits are the label's.
     full = [p + self.tokenizer.encode(text) for p, (text, _) in zip(ids, reasoning)]
     last = self._generate(full, max_new_tokens=1, temperature=0.0, stop_ids=(), return_logits=True,

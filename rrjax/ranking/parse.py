@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import re
 
-# listwise_prompt_r1.toml `pattern`, used with re.DOTALL.
+# listwise_prompt_r1.toml `pattern`, used with re.DOTALL (also the reward's format check).
 ANSWER_PATTERN = r"<think>.*?</think>\s*<answer>(.*?)</answer>"
-_ANSWER_RE = re.compile(ANSWER_PATTERN, re.DOTALL)
+ANSWER_RE = re.compile(ANSWER_PATTERN, re.DOTALL)
 SOURCES = ("answer_tag", "last_answer", "whole_text", "unparsable")
+_ASCII_ID = re.compile(r"[0-9]+")
 
 
 def answer_span(text: str) -> tuple[str, str]:
   """(the text upstream reads identifiers from, its source)."""
-  match = _ANSWER_RE.search(text.lower())
+  match = ANSWER_RE.search(text.lower())
   if match:
     return match.group(1).strip(), "answer_tag"
   if "<answer>" in text:
@@ -34,13 +35,21 @@ def clean_response(span: str) -> str:
   return "".join(c if c.isdigit() else " " for c in span).strip()
 
 
+def answer_ids(span: str) -> list[str]:
+  """`clean_response(span).split()`: maximal runs of digits. ASCII text takes a regex fast path
+  (isdigit() is exactly [0-9] there); anything else goes through the exact Unicode rule."""
+  if span.isascii():
+    return _ASCII_ID.findall(span)
+  return clean_response(span).split()
+
+
 def parse_permutation_with_source(text: str, n: int) -> tuple[list[int], str]:
   """A 0-based permutation of range(n) and the source it came from (see SOURCES). Never raises on text."""
   if n < 0:
     raise ValueError(f"n must be >= 0, got {n}")
   span, source = answer_span(text)
   try:
-    ids = [int(x) - 1 for x in clean_response(span).split()]
+    ids = [int(x) - 1 for x in answer_ids(span)]
   except ValueError:
     return list(range(n)), "unparsable"
   seen: set[int] = set()

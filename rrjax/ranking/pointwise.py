@@ -1,9 +1,23 @@
-"""Rank1 (Weller et al., 2025), the pointwise peer: its prompt and its true/false label tokens.
+"""Rank1 (Weller et al., 2025), the pointwise peer: its passage, prompt, reasoning cut and true/false label tokens.
 
 The score is p(true) / (p(true) + p(false)) at the token after `</think>`; the model side lives elsewhere.
 """
 
 from __future__ import annotations
+
+import re
+
+from rrjax.ranking.prompt import Passage, passage_content
+
+THINK_END = "</think>"
+# Rank1 sources: the model closed its reasoning; it was cut at its last sentence end; scoring failed (0.5).
+POINTWISE_SOURCES = ("think_end", "cut", "failed")
+_SENTENCE_END = re.compile(r"[.!?。](?=\s|$)")
+
+
+def rank1_passage(passage: Passage, tokenizer, max_tokens: int | None = 512) -> str:
+  """The listwise passage rule without `[n] -> (n)`: a pointwise prompt has no identifiers."""
+  return passage_content(passage, tokenizer, max_tokens, replace_numbers=False)
 
 
 def rank1_prompt(query: str, passage: str) -> str:
@@ -12,6 +26,20 @@ def rank1_prompt(query: str, passage: str) -> str:
           f"Query: {query}\n"
           f"Passage: {passage}\n"
           "<think>")
+
+
+def rank1_reasoning(generated: str) -> tuple[str, str]:
+  """(reasoning text ending in `</think>`, source): what the true/false token is scored after.
+
+  A finished chain is kept up to its first `</think>`; an unfinished one is cut back to its last sentence
+  end (nothing if it has none) and `\\n</think>` is appended.
+  """
+  at = generated.find(THINK_END)
+  if at >= 0:
+    return generated[:at + len(THINK_END)], "think_end"
+  ends = list(_SENTENCE_END.finditer(generated))
+  kept = generated[:ends[-1].end()] if ends else ""
+  return kept + "\n" + THINK_END, "cut"
 
 
 def rank1_label_ids(tokenizer) -> tuple[int, int]:

@@ -1,4 +1,5 @@
-"""ReasonRank's listwise prompt, byte for byte as upstream `create_prompt` builds it.
+"""ReasonRank's listwise prompt, byte for byte as upstream `create_prompt` builds it, and the one passage rule
+(`titled_content`, `passage_content`) that Rank1, the data readers and the teachers share.
 
 Upstream (8421BCD/ReasonRank): listwise_prompt_r1.toml (system prompts), utils.py (add_prefix_prompt,
 add_post_prompt, convert_doc_to_prompt_content) and rerank/rank_listwise_os_llm.py (create_prompt).
@@ -22,7 +23,8 @@ SYSTEM_PROMPT_REASONING = (
     "within <think> </think> and <answer> </answer> tags, respectively, i.e., "
     "<think> reasoning process here </think> <answer> answer here </answer>.")
 MODES = ("reasoning", "plain")
-# Upstream's field precedence in convert_doc_to_prompt_content ("passage" is its last resort).
+# Upstream's field precedence in convert_doc_to_prompt_content ("passage" is its last resort); the corpus readers
+# pick the text field by it too.
 CONTENT_FIELDS = ("text", "segment", "contents", "body", "passage")
 
 Passage = str | Mapping[str, Any]
@@ -60,14 +62,9 @@ def post_prompt(query: str, num: int, mode: str = "reasoning") -> str:
           "Only respond with the ranking results, do not say any word or explain.")
 
 
-def passage_content(passage: Passage, tokenizer, max_tokens: int | None = 512) -> str:
-  """Upstream convert_doc_to_prompt_content with truncate_by_word=False.
-
-  Order: pick the field, prepend the title, strip, ftfy.fix_text, keep the first `max_tokens` tokens,
-  then replace `[n]`. A plain string is the passage text.
-  """
-  if max_tokens is not None and max_tokens < 0:
-    raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+def titled_content(passage: Passage) -> str:
+  """A passage's raw text: its first CONTENT_FIELDS field, after `Title: {title} Content: ` when the title is
+  truthy (no strip, ftfy or truncation yet). A plain string is the passage text."""
   doc = {"text": passage} if isinstance(passage, str) else passage
   field = next((f for f in CONTENT_FIELDS if f in doc), None)
   if field is None:
@@ -79,10 +76,21 @@ def passage_content(passage: Passage, tokenizer, max_tokens: int | None = 512) -
     if not isinstance(doc["title"], str):
       raise ValueError(f"passage title must be a string, got {type(doc['title']).__name__}")
     content = "Title: " + doc["title"] + " " + "Content: " + content
-  content = ftfy.fix_text(content.strip())
+  return content
+
+
+def passage_content(passage: Passage, tokenizer, max_tokens: int | None = 512, *, replace_numbers: bool = True) -> str:
+  """Upstream convert_doc_to_prompt_content with truncate_by_word=False.
+
+  Order: titled_content, strip, ftfy.fix_text, keep the first `max_tokens` tokens, then replace `[n]`
+  (Rank1 passes replace_numbers=False: its prompt has no identifiers to fake).
+  """
+  if max_tokens is not None and max_tokens < 0:
+    raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+  content = ftfy.fix_text(titled_content(passage).strip())
   # Upstream always round-trips through the tokenizer, even when nothing is cut (it NFC-normalizes).
   content = tokenizer.convert_tokens_to_string(tokenizer.tokenize(content)[:max_tokens])
-  return replace_number(content)
+  return replace_number(content) if replace_numbers else content
 
 
 def user_message(query: str, passages: Sequence[Passage], tokenizer, *, max_passage_tokens: int | None = 512,

@@ -13,21 +13,14 @@ with fewer candidates gets upstream's clamped windows and sits out the rounds it
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Callable, Mapping, Sequence
 
-import ftfy
-
 from rrjax.ranking.parse import parse_permutation_with_source
-from rrjax.ranking.pointwise import rank1_prompt
-from rrjax.ranking.prompt import CONTENT_FIELDS, build_prompt
+from rrjax.ranking.pointwise import rank1_passage, rank1_prompt
+from rrjax.ranking.prompt import build_prompt
 from rrjax.ranking.window import apply_permutation, full_list_window, sliding_windows
 
 RERANK_MODES = ("listwise", "full", "pointwise")
-THINK_END = "</think>"
-# Rank1 sources: the model closed its reasoning; it was cut at its last sentence end; scoring failed (0.5).
-POINTWISE_SOURCES = ("think_end", "cut", "failed")
-_SENTENCE_END = re.compile(r"[.!?。](?=\s|$)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,36 +149,6 @@ def count_windows(num_candidates: Sequence[int], *, window: int = 20, stride: in
 # ---------------------------------------------------------------- Rank1 pointwise
 
 
-def pointwise_passage(doc: str | Mapping[str, Any], tokenizer, max_tokens: int | None = 512) -> str:
-  """A passage for Rank1's prompt: upstream's field/title rule, strip, ftfy, first `max_tokens` tokens.
-
-  Unlike the listwise prompt there is no `[n] -> (n)` rewrite: a pointwise prompt has no identifiers.
-  """
-  doc = {"text": doc} if isinstance(doc, str) else doc
-  field = next((f for f in CONTENT_FIELDS if f in doc), None)
-  if field is None:
-    raise ValueError(f"passage has none of the fields {CONTENT_FIELDS}: keys {sorted(doc)}")
-  content = str(doc[field])
-  if doc.get("title"):
-    content = "Title: " + str(doc["title"]) + " " + "Content: " + content
-  content = ftfy.fix_text(content.strip())
-  return tokenizer.convert_tokens_to_string(tokenizer.tokenize(content)[:max_tokens])
-
-
-def rank1_reasoning(generated: str) -> tuple[str, str]:
-  """(reasoning text ending in `</think>`, source): what the true/false token is scored after.
-
-  A finished chain is kept up to its first `</think>`; an unfinished one is cut back to its last sentence
-  end (nothing if it has none) and `\\n</think>` is appended.
-  """
-  at = generated.find(THINK_END)
-  if at >= 0:
-    return generated[:at + len(THINK_END)], "think_end"
-  ends = list(_SENTENCE_END.finditer(generated))
-  kept = generated[:ends[-1].end()] if ends else ""
-  return kept + "\n" + THINK_END, "cut"
-
-
 def rerank_pointwise(queries: Sequence[Query], score: Callable[[list[str]], Sequence[PointwiseScore]], tokenizer,
                      *, top_k: int = 100, max_passage_tokens: int | None = 512, chunk_size: int | None = None,
                      progress: Callable[[int], None] | None = None) -> list[Ranked]:
@@ -195,7 +158,7 @@ def rerank_pointwise(queries: Sequence[Query], score: Callable[[list[str]], Sequ
   if top_k <= 0:
     raise ValueError(f"top_k must be positive, got {top_k}")
   pairs = [(qi, c) for qi, q in enumerate(queries) for c in q.candidates[:top_k]]
-  prompts = [rank1_prompt(queries[qi].text, pointwise_passage(c.doc, tokenizer, max_passage_tokens))
+  prompts = [rank1_prompt(queries[qi].text, rank1_passage(c.doc, tokenizer, max_passage_tokens))
              for qi, c in pairs]
   chunk = chunk_size or max(len(prompts), 1)
   scores: list[PointwiseScore] = []

@@ -28,7 +28,6 @@ Rewards are computed in float32 (about 1e-7 from upstream's float64).
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import NamedTuple, Sequence
 
 import jax
@@ -36,28 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from rrjax.ranking import metrics
+from rrjax.ranking.parse import ANSWER_RE, answer_ids
 
-ANSWER_PATTERN = re.compile(r"<think>.*?</think>\s*<answer>(.*?)</answer>", re.DOTALL)
 NDCG_K = 10
 RECALL_K = 10
 RECALL_WEIGHT = 0.2
 RBO_WEIGHT = 0.1
-
-
-def clean_response(text: str) -> str:
-  """Upstream's clean_response: every non-digit becomes a space (str.isdigit, Unicode-aware)."""
-  return "".join(c if c.isdigit() else " " for c in text).strip()
-
-
-_ASCII_ID = re.compile(r"[0-9]+")
-
-
-def answer_ids(text: str) -> list[str]:
-  """`clean_response(text).split()`: maximal runs of digits. ASCII text takes a regex fast path
-  (isdigit() is exactly [0-9] there); anything else goes through the exact Unicode rule."""
-  if text.isascii():
-    return _ASCII_ID.findall(text)
-  return clean_response(text).split()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +56,7 @@ class ParsedSample:
 def parse_sample(completion: str, gold_ranking: str, initial_list: Sequence[str]) -> ParsedSample:
   """Apply upstream's regex, count check, int() and index rules to one completion."""
   gold_ids = tuple(answer_ids(gold_ranking))
-  match = ANSWER_PATTERN.search(completion)
+  match = ANSWER_RE.search(completion)  # on the raw text: unlike the parser, case-sensitive
   if match is None:
     return ParsedSample(False, False, (), (), gold_ids)
   pred_ids = tuple(answer_ids(match.group(1)))

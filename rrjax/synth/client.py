@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import openai
 
-from rrjax.data.trec import atomic_open
+from rrjax.fileio import atomic_open
 
 Messages = Sequence[Mapping[str, str]]
 log = logging.getLogger("rrjax.synth")

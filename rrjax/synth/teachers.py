@@ -24,7 +24,7 @@ import re
 from typing import Protocol, Sequence
 
 from rrjax.ranking.parse import answer_span, parse_permutation_with_source
-from rrjax.ranking.prompt import Passage, passage_content
+from rrjax.ranking.prompt import Passage, passage_content, titled_content
 from rrjax.synth import task as task_lib
 
 
@@ -135,13 +135,6 @@ def rankgpt_messages(query: str, passages: Sequence[str], model: str, answer: st
   return messages
 
 
-def _plain(passage: Passage) -> str:
-  if isinstance(passage, str):
-    return passage
-  text = next((passage[f] for f in ("text", "segment", "contents", "body", "passage") if f in passage), "")
-  return f"Title: {passage['title']} Content: {text}" if passage.get("title") else text
-
-
 # ---------------------------------------------------------------- teachers
 
 
@@ -209,7 +202,7 @@ class LocalTeacher:
 
   def judge(self, requests: Sequence[JudgeRequest]) -> list[bool | None]:
     from rrjax.ranking.pointwise import rank1_prompt
-    texts = self._generate([rank1_prompt(r.query, _plain(r.passage)) for r in requests])
+    texts = self._generate([rank1_prompt(r.query, titled_content(r.passage)) for r in requests])
     out = []
     for text in texts:
       # The prompt opened <think>; the verdict follows </think>.
@@ -252,7 +245,11 @@ class ProgrammaticTeacher:
 
   @staticmethod
   def _value(passage: Passage) -> int | None:
-    m = task_lib.PASSAGE_RE.match(_plain(passage).strip())
+    try:
+      text = titled_content(passage)
+    except ValueError:  # no string text field: not a task passage, so unreadable like any other
+      return None
+    m = task_lib.PASSAGE_RE.match(text.strip())
     return int(m.group(2)) if m else None
 
   def judge(self, requests: Sequence[JudgeRequest]) -> list[bool | None]:
