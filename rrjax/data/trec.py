@@ -16,11 +16,8 @@ import math
 import os
 from typing import Any, Iterable, Iterator, Mapping
 
-<<<<<<< HEAD
 from rrjax.fileio import atomic_open
-=======
 from rrjax.ranking.prompt import CONTENT_FIELDS
->>>>>>> passage-rule
 
 PathLike = str | os.PathLike
 
