@@ -115,13 +115,8 @@ _TRACES: collections.Counter = collections.Counter()
 
 
 def compilation_count() -> int:
-  """Programs traced (and so compiled) by this module since start or `clear_programs()`."""
+  """Programs traced (and so compiled) by this module since the process started."""
   return sum(_TRACES.values())
-
-
-def clear_programs() -> None:
-  _PROGRAMS.clear()
-  _TRACES.clear()
 
 
 def default_cache_dtype(config: Qwen2Config) -> str:

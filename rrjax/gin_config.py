@@ -2,7 +2,7 @@
 
 A gin file name, and every `include` inside one, resolves against: the directory of the file being read,
 the working directory, the entry point's own folder of configs (`configs/rerank` for rerank), `configs/`,
-and the repository root (so `include 'configs/mesh/cpu.gin'` works from anywhere). gin's errors become
+and the repository root (so `include 'configs/mesh/gpu_8.gin'` works from anywhere). gin's errors become
 one-line ValueErrors. The library never sees gin: `make()` returns the frozen dataclasses it takes.
 """
 

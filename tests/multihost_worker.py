@@ -53,8 +53,10 @@ def rerank_queries(queries):
 
 
 def _rerank(spec: dict) -> None:
-  from rrjax import multihost_rerank
   import jax
+
+  from rrjax import rerank
+  from rrjax.data import trec
   queries = _queries(spec["num_queries"], spec["depth"])
   seen = []
 
@@ -62,7 +64,10 @@ def _rerank(spec: dict) -> None:
     seen.extend(q["qid"] for q in share)
     return rerank_queries(share)
 
-  multihost_rerank.rerank_to_run_file(queries, counted, spec["out"])
+  run = rerank.rerank_across_processes(queries, counted)
+  if distributed.is_primary():
+    trec.write_run(spec["out"], run)
+  distributed.barrier("rerank_written")
   counts = distributed.allgather_json({"queries": len(seen)})  # e.g. report totals across processes
   Path(spec["out"] + f".share{jax.process_index()}").write_text(json.dumps({"seen": seen, "counts": counts}))
 

@@ -176,16 +176,16 @@ def test_rerank_across_two_processes_writes_the_single_process_run(workdir):
 
 
 def test_rerank_merge_in_one_process_keeps_query_order_and_checks_coverage():
-  from rrjax import multihost_rerank
+  from rrjax import rerank
   queries = [{"qid": "b"}, {"qid": "a"}]
-  run = multihost_rerank.rerank_across_processes(
+  run = rerank.rerank_across_processes(
       queries, lambda qs: {q["qid"]: {"x": 2.0, "y": 1.0} for q in reversed(qs)})
   assert list(run) == ["b", "a"] and list(run["a"]) == ["x", "y"]
   with pytest.raises(ValueError, match="wrong queries"):
-    multihost_rerank.rerank_across_processes(queries, lambda qs: {"b": []})
+    rerank.rerank_across_processes(queries, lambda qs: {"b": []})
   with pytest.raises(ValueError, match="more than once"):
-    multihost_rerank.rerank_across_processes([{"qid": "a"}, {"qid": "a"}], lambda qs: {})
-  assert multihost_rerank.shard(list(range(7)), 1, 3) == [1, 4]
+    rerank.rerank_across_processes([{"qid": "a"}, {"qid": "a"}], lambda qs: {})
+  assert rerank.share(list(range(7)), 1, 3) == [1, 4]
 
 
 # ------------------------------------------------------------------ settings, without starting a job

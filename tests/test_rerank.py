@@ -15,6 +15,8 @@ import pytest
 from rrjax import rerank as rr
 from rrjax import tokenizer as tokenizer_lib
 from rrjax.data import trec
+from rrjax.data.inputs import load_inputs
+from rrjax.ranking.backend import ModelBackend
 from rrjax.ranking import pointwise
 from rrjax.ranking import rerank_loop as loop
 
@@ -30,7 +32,7 @@ def dl19(data_dir):
 
 @pytest.fixture(scope="module")
 def inputs(dl19):
-  return rr.load_inputs(dl19["rankgpt"])
+  return load_inputs(dl19["rankgpt"])
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +132,7 @@ def test_rank1_score_is_label_softmax_after_think(tok):
   from rrjax.ranking import rank1_label_ids, rank1_prompt
 
   model = Qwen2(Qwen2Config.tiny(), rngs=nnx.Rngs(1))
-  backend = rr.ModelBackend(model, tok, rr.RerankSettings(mode="pointwise", max_new_tokens=6))
+  backend = ModelBackend(model, tok, rr.RerankSettings(mode="pointwise", max_new_tokens=6))
   prompts = [rank1_prompt("how long is the life cycle of a flea", "A flea lives up to a year."),
              rank1_prompt("q", "Passage two. It is short")]
   got = backend.score(prompts)
@@ -286,7 +288,7 @@ def small_inputs(tmp_path):
 
 def test_load_inputs_jsonl_corpus_and_tsv_topics(small_inputs):
   (small_inputs / "run.trec").write_text("q2 Q0 d3 1 1.0 x\nq1 Q0 d1 2 2.0 x\nq1 Q0 d2 1 3.0 x\nq1 Q0 d3 3 2.0 x\n")
-  got = rr.load_inputs(small_inputs / "corpus.jsonl", small_inputs / "run.trec", small_inputs / "topics.tsv", top_k=2)
+  got = load_inputs(small_inputs / "corpus.jsonl", small_inputs / "run.trec", small_inputs / "topics.tsv", top_k=2)
   assert [q.qid for q in got.queries] == ["q2", "q1"]
   q1 = got.queries[1]
   assert q1.text == "first query"
@@ -294,7 +296,7 @@ def test_load_inputs_jsonl_corpus_and_tsv_topics(small_inputs):
   assert q1.candidates[0].doc == {"text": "passage d2"}
   assert got.first_stage == {"q2": {"d3": 1.0}, "q1": {"d2": 3.0, "d3": 2.0}}
   with pytest.raises(ValueError, match="--queries is required"):
-    rr.load_inputs(small_inputs / "corpus.jsonl", small_inputs / "run.trec")
+    load_inputs(small_inputs / "corpus.jsonl", small_inputs / "run.trec")
 
 
 @pytest.mark.parametrize("case", ["missing_doc", "missing_query", "malformed", "bad_model"])

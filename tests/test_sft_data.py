@@ -155,7 +155,8 @@ def test_tfds_array_record_round_trip(files, tok, tmp_path):
   expected = _read_train(files, tok) + list(sft.read_sft_json(files["sft"], tokenizer=tok))
   assert len(source) == len(expected) == 4
   for i, ex in enumerate(expected):
-    got = builders.decode_record(source[i])
+    got = {**source[i], **{k: source[i][k].decode() for k in ("prompt", "target")},
+           "metadata": json.loads(source[i]["metadata"].decode())}
     want = builders.to_features(ex, tok)
     np.testing.assert_array_equal(got["tokens"], want["tokens"])
     np.testing.assert_array_equal(got["loss_mask"], want["loss_mask"])

@@ -1,7 +1,6 @@
 """Meshes, logical-axis rules, and the sharded forward on 8 simulated CPU devices."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

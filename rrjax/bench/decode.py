@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rrjax import decode
+from rrjax import decode, hardware
 from rrjax.bench import peer
 from rrjax.model import hf
 from rrjax.hardware import peak_bandwidth
@@ -47,7 +47,7 @@ def main(argv=None):
   import torch
   import transformers
 
-  dtype = args.dtype or hf.default_dtype()
+  dtype = args.dtype or hardware.default_dtype()
   overrides = {"num_layers": args.layers} if args.layers else {}
   config = Qwen2Config.preset(args.preset, dtype=dtype, param_dtype=dtype, **overrides)
   torch.manual_seed(0)

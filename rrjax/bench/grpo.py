@@ -39,7 +39,7 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=2)
   args = p.parse_args(argv)
 
-  dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  dtype = hardware.default_dtype()
   overrides = {"num_layers": args.layers} if args.layers else {}
   model_cfg = Qwen2Config.preset(args.preset, param_dtype="float32", dtype=dtype, **overrides)
   g = GRPOConfig(rollouts_per_prompt=args.rollouts, max_response_tokens=args.response, kl_coef=0.001)
@@ -50,7 +50,7 @@ def main(argv=None):
   text = " ".join(["passage"] * (args.prompt_len - 1))
   rows = [RLRow(prompt=f"{i} {text}", gold_ranking="[1] > [2]", initial_list=("a", "b"), final_list=("a", "b"),
                 relevant_docids=("a",), qid=str(i)) for i in range(args.prompts * (args.steps + 1))]
-  trainer = grpo.GRPOTrainer(config, mesh, model_cfg, rows=rows)
+  trainer = grpo.GRPOTrainer(config, mesh, model_cfg, tok, rows=rows)
   lay = state_lib.layout(lambda: Qwen2(model_cfg, rngs=nnx.Rngs(0)), trainer.tx, mesh)
   trainer.bind(lay)
   state = state_lib.init_state(sharding.create_sharded(lambda: Qwen2(model_cfg, rngs=nnx.Rngs(0)), mesh),

@@ -55,10 +55,11 @@ def main(argv=None) -> int:
   from flax import nnx
 
   from rrjax import rerank as rr
+  from rrjax.data.inputs import load_inputs
   from rrjax import tokenizer as tokenizer_lib
   from rrjax.model.qwen2 import Qwen2, Qwen2Config
 
-  inputs = rr.load_inputs(args.corpus, max_queries=args.queries)
+  inputs = load_inputs(args.corpus, max_queries=args.queries)
   queries = inputs.queries
   n = len(queries)
   config = Qwen2Config.tiny(num_layers=args.layers)

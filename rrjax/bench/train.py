@@ -38,7 +38,7 @@ def main(argv=None):
   p.add_argument("--no-torch", action="store_true")
   args = p.parse_args(argv)
 
-  dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+  dtype = args.dtype or hardware.default_dtype()
   overrides = dict(param_dtype="float32", dtype=dtype, remat=args.remat)
   if args.layers:
     overrides["num_layers"] = args.layers

@@ -133,12 +133,3 @@ def load_source(data_dir: PathLike, split: str = "train"):
     raise ValueError(f"{builder.data_path}: no split {split!r} (have {', '.join(sorted(builder.info.splits))})")
   return builder.as_data_source(split=split)
 
-
-def decode_record(record: Mapping[str, Any]) -> dict[str, Any]:
-  """A stored record with its text fields as str and metadata parsed."""
-  out = dict(record)
-  for name in ("prompt", "target", "metadata"):
-    if isinstance(out.get(name), bytes):
-      out[name] = out[name].decode("utf-8")
-  out["metadata"] = json.loads(out["metadata"])
-  return out

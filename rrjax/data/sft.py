@@ -51,7 +51,6 @@ MAX_WINDOW = 20
 # LLaMA-Factory `qwen` template: format_assistant = "{{content}}<|im_end|>\n".
 ASSISTANT_SUFFIX = "<|im_end|>\n"
 TARGET_TEMPLATE = "<think>{reasoning}</think> <answer>{ranking}</answer>"
-ROW_FIELDS = ("dataset", "qid", "initial_list", "final_list", "reasoning", "relevant_docids")
 
 
 @dataclasses.dataclass(frozen=True)

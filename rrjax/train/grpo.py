@@ -92,11 +92,12 @@ def _lora_off(params):
 class GRPOTrainer:
   """GRPO for the shared loop (rrjax.train.loop.run). `TrainConfig.batch_size` is prompts per step."""
 
-  def __init__(self, config: TrainConfig, mesh: Mesh, model_cfg: Qwen2Config, *, rows=None):
+  def __init__(self, config: TrainConfig, mesh: Mesh, model_cfg: Qwen2Config, tokenizer: tokenizer_lib.Tokenizer, *,
+               rows=None):
     self.config, self.mesh, self.model_cfg = config, mesh, model_cfg
     self.grpo = config.grpo
     data = config.rl_data
-    self.tokenizer = tokenizer_lib.load(config.tokenizer or config.init_from)
+    self.tokenizer = tokenizer
     if rows is None:
       if not data.train_files:
         raise ValueError("RLDataConfig.train_files: no RL rows configured")
@@ -148,10 +149,8 @@ class GRPOTrainer:
                           top_k=g.top_k, top_p=g.top_p, seed=c.seed * 1_000_003 + step_no,
                           stop_ids=self.tokenizer.stop_ids, mesh=self.mesh, batch_size=g.rollout_batch_size)
     texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in gen.tokens]
-    rep = lambda xs: [x for x in xs for _ in range(g.rollouts_per_prompt)]
-    rewards = reward_lib.batch_rewards(texts, rep([r.gold_ranking for r in rows]),
-                                       rep([list(r.initial_list) for r in rows]),
-                                       rep([list(r.relevant_docids) for r in rows]))
+    per_rollout = [r for r in rows for _ in range(g.rollouts_per_prompt)]
+    rewards = reward_lib.batch_rewards(texts, *rl_data.reward_inputs(per_rollout))
     adv = np.asarray(group_advantages(jnp.asarray(rewards.reward.reshape(len(rows), g.rollouts_per_prompt))))
     batch = self._sequences(rollout_prompts, gen, adv.reshape(-1))
     n_mini = g.updates_per_step

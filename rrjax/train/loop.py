@@ -88,7 +88,7 @@ def _finite(metrics: dict[str, float]) -> bool:
   return all(math.isfinite(v) for k, v in metrics.items() if k in ("loss", "grad_norm"))
 
 
-def run(config: TrainConfig, make_trainer: Callable[[TrainConfig, Mesh, Qwen2Config], Trainer], *,
+def run(config: TrainConfig, make_trainer: Callable[[TrainConfig, Mesh, Qwen2Config, tokenizer_lib.Tokenizer], Trainer], *,
         operative_config: str | None = None) -> state_lib.TrainState:
   """Trains to `trainer.total_steps`, resuming from the newest checkpoint in `config.run_dir`."""
   run_dir = Path(config.run_dir)
@@ -101,7 +101,7 @@ def run(config: TrainConfig, make_trainer: Callable[[TrainConfig, Mesh, Qwen2Con
     tok.save(run_dir)  # the run directory is a tokenizer directory too: tokenizer.load(run_dir)
   mesh = sharding_lib.make_mesh(config.mesh)
   model_cfg = model_config(config)
-  trainer = make_trainer(config, mesh, model_cfg)
+  trainer = make_trainer(config, mesh, model_cfg, tok)
   lay = state_lib.layout(model_constructor(config, model_cfg), trainer.tx, mesh)
   trainer.bind(lay)
   ckpt = checkpoint_lib.Checkpointer(run_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)

@@ -66,11 +66,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, gra
   return step
 
 
-def run_tokenizer(config: TrainConfig) -> tokenizer_lib.Tokenizer:
-  return tokenizer_lib.load(config.tokenizer or config.init_from)
-
-
-def prepare_source(config: TrainConfig, tokenizer=None):
+def prepare_source(config: TrainConfig, tokenizer: tokenizer_lib.Tokenizer):
   """Builds (once) and opens the TFDS ArrayRecord dataset of the configured SFT files."""
   d = config.sft_data
   if not d.train_files:
@@ -78,7 +74,7 @@ def prepare_source(config: TrainConfig, tokenizer=None):
   data_dir = Path(d.data_dir or Path(config.run_dir) / "data")
   if jax.process_index() == 0:
     sources = [builders.SFTSource(f, d.id_query, d.id_doc) for f in d.train_files]
-    builders.build_sft(data_dir, {"train": sources}, tokenizer=tokenizer or run_tokenizer(config),
+    builders.build_sft(data_dir, {"train": sources}, tokenizer=tokenizer,
                        settings=builders.BuildSettings(cutoff_len=d.cutoff_len,
                                                        max_passage_tokens=d.max_passage_tokens))
   if jax.process_count() > 1:
@@ -90,7 +86,8 @@ def prepare_source(config: TrainConfig, tokenizer=None):
 class SFTTrainer:
   """SFT for the shared loop (rrjax.train.loop.run)."""
 
-  def __init__(self, config: TrainConfig, mesh: Mesh, model_cfg: Qwen2Config, *, source=None):
+  def __init__(self, config: TrainConfig, mesh: Mesh, model_cfg: Qwen2Config, tokenizer: tokenizer_lib.Tokenizer, *,
+               source=None):
     self.config, self.mesh, self.model_cfg = config, mesh, model_cfg
     data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.batch_size % (config.grad_accum * data_shards):
@@ -99,12 +96,16 @@ class SFTTrainer:
     if config.batch_size % jax.process_count():
       raise ValueError(f"TrainConfig.batch_size={config.batch_size} is not divisible by "
                        f"{jax.process_count()} processes")
-    self.source = source if source is not None else prepare_source(config)
+    self.source = source if source is not None else prepare_source(config, tokenizer)
     self.total_steps = config.num_steps if config.num_steps > 0 else self._count_batches()
     self.tx, self.lr_schedule = optim.make_optimizer(config.optimizer, self.total_steps)
     self.batch_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     self.flops_per_token = 3 * model_cfg.forward_flops(1, config.sft_data.seq_len) / config.sft_data.seq_len
-    self.peak_flops = hardware.peak_flops()[0] * jax.device_count()
+
+  @functools.cached_property
+  def peak_flops(self) -> float:
+    """The devices' peak (measured once, when MFU is first logged, on CPU)."""
+    return hardware.peak_flops()[0] * jax.device_count()
 
   def _iterator(self, num_epochs):
     c = self.config
@@ -137,5 +138,3 @@ class SFTTrainer:
     metrics["seq_tokens"] = tokens
     return new_state, metrics
 
-
-make_trainer = functools.partial(SFTTrainer)
