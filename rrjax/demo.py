@@ -110,8 +110,8 @@ def compare_with_transformers(hf_dir: Path, prompt_ids: list[int]) -> dict[str, 
   import jax.numpy as jnp
   import numpy as np
 
-  import rrjax
-  ours = np.asarray(rrjax.from_pretrained(hf_dir, dtype="float32")(jnp.asarray([prompt_ids])))
+  from rrjax.checkpoints import from_pretrained
+  ours = np.asarray(from_pretrained(hf_dir, dtype="float32")(jnp.asarray([prompt_ids])))
   try:
     import torch
     import transformers

@@ -119,6 +119,11 @@ class Tokenizer:
         (path / name).write_bytes(src.read_bytes())
 
 
+def or_bundled(tokenizer=None):
+  """`tokenizer`, or the bundled Qwen2.5 tokenizer when it is None (where a tokenizer argument is optional)."""
+  return load() if tokenizer is None else tokenizer
+
+
 def load(path: str | os.PathLike | None = None) -> Tokenizer:
   """The tokenizer of a checkpoint directory when it has tokenizer.json, else the bundled Qwen2.5 one."""
   directory = ASSET_DIR

@@ -18,6 +18,7 @@ import numpy as np
 from etils import epath
 import tensorflow_datasets as tfds
 
+from rrjax import tokenizer as tokenizer_lib
 from rrjax.data import sft
 
 PathLike = str | os.PathLike
@@ -98,9 +99,7 @@ class RrjaxSft(tfds.core.GeneratorBasedBuilder):
         yield from sft.read_sft_json(item.path, tokenizer=self._tokenizer)
 
   def _generate_examples(self, items) -> Iterator[tuple[int, dict[str, Any]]]:
-    if self._tokenizer is None:
-      from rrjax import tokenizer as tokenizer_lib
-      self._tokenizer = tokenizer_lib.load()
+    self._tokenizer = tokenizer_lib.or_bundled(self._tokenizer)
     for key, example in enumerate(self._examples(items)):
       yield key, to_features(example, self._tokenizer, self._settings.cutoff_len)
 

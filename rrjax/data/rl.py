@@ -33,6 +33,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import ftfy
 
+from rrjax import tokenizer as tokenizer_lib
 from rrjax.data.sft import ranking_answer, read_id_table, read_training_jsonl
 from rrjax.data.trec import TrecFormatError
 from rrjax.fileio import atomic_open, atomic_path
@@ -66,18 +67,11 @@ def render_prompt(messages: Iterable[Mapping[str, str]], tokenizer) -> str:
   return ftfy.fix_text(text)
 
 
-def _tokenizer(tokenizer):
-  if tokenizer is None:
-    from rrjax import tokenizer as tokenizer_lib
-    tokenizer = tokenizer_lib.load()
-  return tokenizer
-
-
 def rl_rows_from_training_jsonl(path: PathLike, id_query: PathLike, id_doc: PathLike, *, tokenizer=None,
                                 max_passage_tokens: int | None = 512, split: str = "train",
                                 data_source: str = DATA_SOURCE) -> list[RLRow]:
   """One RLRow per training_data_all.jsonl row (each row is one window), validated by the SFT reader."""
-  tokenizer = _tokenizer(tokenizer)
+  tokenizer = tokenizer_lib.or_bundled(tokenizer)
   queries, docs = read_id_table(id_query, "query"), read_id_table(id_doc, "doc")
   rows = []
   for index, ex in enumerate(read_training_jsonl(path, id_query, id_doc, tokenizer=tokenizer,
@@ -182,7 +176,7 @@ def from_record(record: Any, path: PathLike, where, tokenizer) -> RLRow:
                              for m in prompt):
       raise TrecFormatError(path, where, "field 'prompt': expected a non-empty list of {role, content} strings")
     messages = tuple((m["role"], m["content"]) for m in prompt)
-    prompt = render_prompt(prompt, _tokenizer(tokenizer))
+    prompt = render_prompt(prompt, tokenizer_lib.or_bundled(tokenizer))
   elif not isinstance(prompt, str) or not prompt:
     raise TrecFormatError(path, where, "field 'prompt': missing, or neither chat messages nor a string")
   reward = record.get("reward_model") or {}

@@ -41,6 +41,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from rrjax import tokenizer as tokenizer_lib
 from rrjax.data.trec import ID_FIELDS, QUERY_ID_FIELDS, QUERY_TEXT_FIELDS, TrecFormatError
 from rrjax.ranking.prompt import CONTENT_FIELDS, build_prompt
 
@@ -60,13 +61,6 @@ class SFTExample:
   prompt: str
   target: str
   metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
-
-
-def _default_tokenizer(tokenizer):
-  if tokenizer is not None:
-    return tokenizer
-  from rrjax import tokenizer as tokenizer_lib
-  return tokenizer_lib.load()
 
 
 def _read_text(path: Path) -> str:
@@ -198,7 +192,7 @@ def read_training_jsonl(path: PathLike, id_query_dir: PathLike, id_doc_dir: Path
   final_list may be a subset of initial_list (the answer then names fewer ids), but each docid must be
   in initial_list once. relevant_docids is optional and kept in metadata.
   """
-  tokenizer = _default_tokenizer(tokenizer)
+  tokenizer = tokenizer_lib.or_bundled(tokenizer)
   queries = read_id_table(id_query_dir, "query")
   docs = read_id_table(id_doc_dir, "doc")
   path = Path(path)
@@ -252,7 +246,7 @@ def read_sft_json(path: PathLike, *, tokenizer=None) -> Iterator[SFTExample]:
   As LLaMA-Factory's alpaca converter does, a non-empty `input` is appended to the instruction after
   "\\n"; a missing or empty system falls back to the template default (Qwen's own default system).
   """
-  tokenizer = _default_tokenizer(tokenizer)
+  tokenizer = tokenizer_lib.or_bundled(tokenizer)
   path = Path(path)
   for where, row, _ in _records(path):
     if not isinstance(row, dict):

@@ -44,8 +44,8 @@ def make_teacher(args, out: Path, tokenizer):
     return ChatTeacher(client, tokenizer, args.max_passage_tokens, require_reasoning=not args.allow_no_reasoning), client
   if not args.checkpoint:
     raise ValueError("--teacher local needs --checkpoint")
-  import rrjax
-  return LocalTeacher(rrjax.from_pretrained(args.checkpoint), tokenizer, max_new_tokens=args.max_new_tokens,
+  from rrjax.checkpoints import from_pretrained
+  return LocalTeacher(from_pretrained(args.checkpoint), tokenizer, max_new_tokens=args.max_new_tokens,
                       max_passage_tokens=args.max_passage_tokens), None
 
 

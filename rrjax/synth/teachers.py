@@ -23,6 +23,7 @@ import dataclasses
 import re
 from typing import Protocol, Sequence
 
+from rrjax import tokenizer as tokenizer_lib
 from rrjax.ranking.parse import answer_span, parse_permutation_with_source
 from rrjax.ranking.prompt import Passage, passage_content, titled_content
 from rrjax.synth import task as task_lib
@@ -151,9 +152,7 @@ class ChatTeacher:
 
   @property
   def tokenizer(self):
-    if self._tokenizer is None:
-      from rrjax import tokenizer as tokenizer_lib
-      self._tokenizer = tokenizer_lib.load()
+    self._tokenizer = tokenizer_lib.or_bundled(self._tokenizer)
     return self._tokenizer
 
   def judge(self, requests: Sequence[JudgeRequest]) -> list[bool | None]:
@@ -195,9 +194,9 @@ class LocalTeacher:
     self.max_passage_tokens, self.batch_size = max_passage_tokens, batch_size
 
   def _generate(self, prompts: Sequence[str]) -> list[str]:
-    import rrjax
-    out = rrjax.generate(self.model, [self.tokenizer.encode(p) for p in prompts], max_new_tokens=self.max_new_tokens,
-                         temperature=self.temperature, batch_size=self.batch_size)
+    from rrjax import decode
+    out = decode.generate(self.model, [self.tokenizer.encode(p) for p in prompts], max_new_tokens=self.max_new_tokens,
+                          temperature=self.temperature, batch_size=self.batch_size)
     return [self.tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens]
 
   def judge(self, requests: Sequence[JudgeRequest]) -> list[bool | None]:
