@@ -149,15 +149,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--skip-malformed", action="store_true",
                   help="skip run lines that are not 6 fields (ReasonRank's BRIGHT handling)")
   args = ap.parse_args(argv)
-  try:
-    qrels = trec.read_qrels(args.qrels)
-    run = trec.read_run(args.run, skip_malformed=args.skip_malformed)
-    if not any(q in qrels for q in run):
-      raise ValueError(f"{args.run}: no query is in both the run and {args.qrels}")
-    result = evaluate(qrels, run, args.metrics, args.relevance_level)
-  except ValueError as e:  # TrecFormatError included: one line, no traceback.
-    print(f"rrjax.eval: error: {e}", file=sys.stderr)
-    return 1
+  qrels = trec.read_qrels(args.qrels)
+  run = trec.read_run(args.run, skip_malformed=args.skip_malformed)
+  if not any(q in qrels for q in run):
+    raise ValueError(f"{args.run}: no query is in both the run and {args.qrels}")
+  result = evaluate(qrels, run, args.metrics, args.relevance_level)
   if run.skipped:
     print(f"rrjax.eval: skipped {run.skipped} malformed run lines", file=sys.stderr)
   if args.json:
@@ -171,4 +167,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from rrjax import cli
+  cli.run(main, prog="rrjax.eval")

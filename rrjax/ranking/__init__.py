@@ -9,7 +9,7 @@ from rrjax.ranking.parse import (ANSWER_PATTERN, ANSWER_RE, SOURCES, answer_ids,
                                  parse_permutation, parse_permutation_with_source)
 from rrjax.ranking.pointwise import (POINTWISE_SOURCES, rank1_label_ids, rank1_passage, rank1_prompt,
                                      rank1_reasoning)
-from rrjax.ranking.prompt import (CONTENT_FIELDS, MODES, SYSTEM_PROMPT, SYSTEM_PROMPT_REASONING,
+from rrjax.ranking.prompt import (CONTENT_FIELDS, PROMPT_MODES, SYSTEM_PROMPT, SYSTEM_PROMPT_REASONING,
                                   build_messages, build_prompt, passage_content, post_prompt, prefix_prompt,
                                   replace_number, system_prompt, titled_content, user_message)
 from rrjax.ranking.rerank_loop import rerank_listwise, rerank_pointwise

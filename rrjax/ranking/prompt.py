@@ -22,7 +22,7 @@ SYSTEM_PROMPT_REASONING = (
     "provides the answer (i.e., the reranked passage list). The reasoning process and answer are enclosed "
     "within <think> </think> and <answer> </answer> tags, respectively, i.e., "
     "<think> reasoning process here </think> <answer> answer here </answer>.")
-MODES = ("reasoning", "plain")
+PROMPT_MODES = ("reasoning", "plain")
 # Upstream's field precedence in convert_doc_to_prompt_content ("passage" is its last resort); the corpus readers
 # pick the text field by it too.
 CONTENT_FIELDS = ("text", "segment", "contents", "body", "passage")
@@ -31,8 +31,8 @@ Passage = str | Mapping[str, Any]
 
 
 def _check_mode(mode: str) -> None:
-  if mode not in MODES:
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  if mode not in PROMPT_MODES:
+    raise ValueError(f"mode must be one of {PROMPT_MODES}, got {mode!r}")
 
 
 def replace_number(s: str) -> str:

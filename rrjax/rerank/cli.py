@@ -26,7 +26,7 @@ from rrjax import distributed, gin_config
 from rrjax.data import trec
 from rrjax.data.inputs import load_inputs
 from rrjax.ranking import rerank_loop as loop
-from rrjax.ranking.prompt import MODES as PROMPT_MODES
+from rrjax.ranking.prompt import PROMPT_MODES
 from rrjax.rerank import report as report_lib
 from rrjax.rerank.runner import rerank
 from rrjax.rerank.settings import FIELDS, RerankSettings

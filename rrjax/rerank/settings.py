@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from rrjax.ranking.prompt import MODES as PROMPT_MODES
+from rrjax.ranking.prompt import PROMPT_MODES
 from rrjax.ranking.rerank_loop import RERANK_MODES
 
 
