@@ -397,6 +397,12 @@ def merged_kernel(kernel, a, b, alpha: float, rank: int):
   return (kernel.astype(jnp.float32) + (alpha / rank) * delta).astype(kernel.dtype)
 
 
+def _biased(spec, x, kernel, bias, dtype):
+  """x @ kernel + bias rounded to `dtype` once, as a fused linear layer (torch's addmm) does."""
+  y = jnp.einsum(spec, x, kernel.astype(dtype), preferred_element_type=jnp.float32)
+  return (y + bias.astype(dtype).astype(jnp.float32)).astype(dtype)
+
+
 def rms_norm(x_BxTxD, weight_D, eps):
   x = x_BxTxD.astype(jnp.float32)
   x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
@@ -494,9 +500,9 @@ class Qwen2(nnx.Module):
       x_BxTxD, k_cache, v_cache = carry
       w, index = xs
       h = rms_norm(x_BxTxD, w["attn_norm"], c.rms_norm_eps)
-      q = jnp.einsum("btd,dnh->btnh", h, w["q_kernel"].astype(c.dtype)) + w["q_bias"].astype(c.dtype)
-      k = jnp.einsum("btd,dkh->btkh", h, w["k_kernel"].astype(c.dtype)) + w["k_bias"].astype(c.dtype)
-      v = jnp.einsum("btd,dkh->btkh", h, w["v_kernel"].astype(c.dtype)) + w["v_bias"].astype(c.dtype)
+      q = _biased("btd,dnh->btnh", h, w["q_kernel"], w["q_bias"], c.dtype)
+      k = _biased("btd,dkh->btkh", h, w["k_kernel"], w["k_bias"], c.dtype)
+      v = _biased("btd,dkh->btkh", h, w["v_kernel"], w["v_bias"], c.dtype)
       q, k, v = (x if (d := lora_delta(h, t, w, c)) is None else x + d for x, t in ((q, "q"), (k, "k"), (v, "v")))
       q = sharding.constrain(apply_rope(q, cos, sin), ("batch", "length", "q_heads", "head_dim"))
       k = sharding.constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
@@ -515,7 +521,9 @@ class Qwen2(nnx.Module):
       gate = jnp.einsum("btd,df->btf", h, w["gate_kernel"].astype(c.dtype))
       up = jnp.einsum("btd,df->btf", h, w["up_kernel"].astype(c.dtype))
       gate, up = (x if (d := lora_delta(h, t, w, c)) is None else x + d for x, t in ((gate, "gate"), (up, "up")))
-      act_BxTxF = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+      # SiLU in float32, rounded once (torch's silu does too): x * sigmoid(x) in bf16 rounds twice.
+      act_BxTxF = jax.nn.silu(gate.astype(jnp.float32)).astype(c.dtype) * up
+      act_BxTxF = sharding.constrain(act_BxTxF, ("batch", "length", "mlp"))
       mlp_BxTxD = jnp.einsum("btf,fd->btd", act_BxTxF, w["down_kernel"].astype(c.dtype))
       if (d := lora_delta(act_BxTxF, "down", w, c)) is not None:
         mlp_BxTxD = mlp_BxTxD + d
