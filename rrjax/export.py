@@ -22,7 +22,8 @@ def main(argv=None) -> int:
   from rrjax.model import hf
 
   model = checkpoints.from_pretrained(args.checkpoint)
-  out = hf.save_hf(model, args.out, dtype=args.dtype, tokenizer=tokenizer.load(checkpoints.run_dir_of(args.checkpoint)))
+  tok = tokenizer.load(checkpoints.run_dir_of(args.checkpoint))
+  out = hf.save_pretrained(model, args.out, dtype=args.dtype, tokenizer=tok)
   print(f"exported {args.checkpoint} ({model.config.param_count() / 1e6:.1f}M parameters) to {out}")
   return 0
 

@@ -80,7 +80,7 @@ def test_hf_dir_roundtrip_identical_tensors(tmp_path, tied):
 
 
 def test_sharded_export_and_sharded_import(model, tmp_path):
-  out = hf.save_hf(model, tmp_path / "sharded", max_shard_bytes=8_000_000, dtype="bfloat16")
+  out = hf.save_pretrained(model, tmp_path / "sharded", max_shard_bytes=8_000_000, dtype="bfloat16")
   index = json.loads((out / "model.safetensors.index.json").read_text())
   files = set(index["weight_map"].values())
   assert len(files) >= 2 and all((out / f).exists() for f in files)
@@ -150,7 +150,7 @@ def test_wrong_tensor_shape(tmp_path):
 
 
 def test_missing_tensor_and_missing_shard(tmp_path):
-  path = hf.save_hf(Qwen2(CONFIG.replace(vocab_size=300), rngs=nnx.Rngs(0)), tmp_path / "s",
+  path = hf.save_pretrained(Qwen2(CONFIG.replace(vocab_size=300), rngs=nnx.Rngs(0)), tmp_path / "s",
                     max_shard_bytes=20_000)
   index = json.loads((path / "model.safetensors.index.json").read_text())
   victim = sorted(set(index["weight_map"].values()))[1]

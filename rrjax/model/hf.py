@@ -1,5 +1,9 @@
 """Hugging Face Qwen2 checkpoints <-> rrjax parameters (safetensors only; no pickle, no network).
 
+Reads what transformers 4.x and 5.x write: float32, bfloat16 or float16 tensors (converted to the requested
+dtype), one file or shards with an index, a tied head stored anyway, buffers Qwen2 has no use for (ignored with
+one warning). Every failure is a one-line CheckpointError naming the file and the field or tensor.
+
 Import reads one tensor at a time and places it straight onto its sharding through
 `jax.make_array_from_callback`, so each host reads only the slices its devices hold. Export writes
 safetensors shards (<= 5 GB by default) with an index, config.json, generation_config.json and the
@@ -10,23 +14,27 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import math
 import os
-import shutil
-import tempfile
+import re
 from pathlib import Path
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors
 import safetensors.numpy
 from flax import nnx
 from jax.sharding import Mesh
 
+from rrjax import fileio, hardware
 from rrjax import sharding as sharding_lib
 from rrjax import tokenizer as tokenizer_lib
 from rrjax.model.qwen2 import Qwen2, Qwen2Config
+
+
+log = logging.getLogger("rrjax.hf")
 
 
 class CheckpointError(ValueError):
@@ -68,12 +76,53 @@ def _top_map(c: Qwen2Config) -> dict[tuple[str, ...], tuple[str, Callable, Calla
   return out
 
 
-def default_dtype() -> str:
-  """bf16 on accelerators, f32 on CPU."""
-  return "float32" if jax.default_backend() == "cpu" else "bfloat16"
-
-
 # ---------------------------------------------------------------- reading
+
+
+# safetensors dtype -> numpy dtype. Parsed here rather than through safetensors' numpy loader, which knows
+# bfloat16 only when ml_dtypes has registered it (it depends on import order and version).
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16}
+_MAX_HEADER_BYTES = 100 * 2**20
+
+
+class _SafetensorsFile:
+  """One safetensors file, memory-mapped; tensors are read-only views of it."""
+
+  def __init__(self, file: Path):
+    self.file = file
+    try:
+      with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 2 <= n <= _MAX_HEADER_BYTES:
+          raise ValueError(f"header length {n}")
+        header = json.loads(f.read(n))
+      if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+      raise CheckpointError(f"{file}: not a safetensors file ({' '.join(str(e).split())})") from None
+    header.pop("__metadata__", None)
+    self.entries: dict[str, dict] = header
+    self._data_start = 8 + n
+    self._data = None
+
+  def get(self, name: str) -> np.ndarray:
+    entry = self.entries[name]
+    try:
+      kind, shape = entry["dtype"], tuple(int(x) for x in entry["shape"])
+      begin, end = (int(x) for x in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+      raise CheckpointError(f"{self.file}: tensor {name!r} has a malformed header entry {entry!r}") from None
+    if kind not in _SAFETENSORS_DTYPES:
+      raise CheckpointError(f"{self.file}: tensor {name!r} has dtype {kind}; rrjax reads float weights "
+                            f"({', '.join(_SAFETENSORS_DTYPES)})")
+    dtype = np.dtype(_SAFETENSORS_DTYPES[kind])
+    if self._data is None:
+      self._data = np.memmap(self.file, dtype=np.uint8, mode="r")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if not (0 <= begin <= end and end - begin == nbytes and self._data_start + end <= self._data.size):
+      raise CheckpointError(f"{self.file}: tensor {name!r}: data offsets {[begin, end]} do not hold {kind} "
+                            f"{list(shape)} within the file (truncated or corrupt)")
+    return self._data[self._data_start + begin:self._data_start + end].view(dtype).reshape(shape)
 
 
 class _SafetensorsDir:
@@ -81,16 +130,19 @@ class _SafetensorsDir:
 
   def __init__(self, path: Path):
     self.path = path
+    self._open: dict[Path, _SafetensorsFile] = {}
     index = path / "model.safetensors.index.json"
     if index.exists():
       try:
         weight_map = json.loads(index.read_text())["weight_map"]
-      except (json.JSONDecodeError, KeyError) as e:
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+          raise ValueError("weight_map is not an object of file names")
+      except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
       self.files = {name: path / f for name, f in weight_map.items()}
     elif (path / "model.safetensors").exists():
-      with safetensors.safe_open(path / "model.safetensors", framework="numpy") as f:
-        self.files = {name: path / "model.safetensors" for name in f.keys()}
+      single = self._file(path / "model.safetensors")
+      self.files = {name: single.file for name in single.entries}
     else:
       if any(path.glob("*.bin")) or any(path.glob("*.pt")):
         raise CheckpointError(f"{path}: only pickle weights (*.bin/*.pt) found; rrjax reads safetensors only")
@@ -98,22 +150,56 @@ class _SafetensorsDir:
     for f in set(self.files.values()):
       if not f.exists():
         raise CheckpointError(f"{f}: shard named in the index is missing")
-    self._open = {}
 
-  def get(self, name: str, expected_shape: tuple[int, ...]) -> np.ndarray:
+  def _file(self, file: Path) -> _SafetensorsFile:
+    if file not in self._open:
+      self._open[file] = _SafetensorsFile(file)
+    return self._open[file]
+
+  def raw(self, name: str) -> tuple[Path, np.ndarray]:
+    """(file, tensor as stored) of `name`."""
     if name not in self.files:
       raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
-    file = self.files[name]
-    if file not in self._open:
-      self._open[file] = safetensors.safe_open(file, framework="numpy")
-    try:
-      array = self._open[file].get_tensor(name)
-    except Exception as e:  # safetensors raises its own error types
-      raise CheckpointError(f"{file}: cannot read tensor {name!r}: {e}") from None
+    st = self._file(self.files[name])
+    if name not in st.entries:
+      raise CheckpointError(f"{st.file}: tensor {name!r} is missing (the index names this file for it)")
+    return st.file, st.get(name)
+
+  def get(self, name: str, expected_shape: tuple[int, ...]) -> np.ndarray:
+    file, array = self.raw(name)
     if tuple(array.shape) != tuple(expected_shape):
       raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(array.shape)}, "
                             f"expected {tuple(expected_shape)}")
     return array
+
+
+def _expected_names(c: Qwen2Config) -> set[str]:
+  names = {hf_name for hf_name, *_ in _top_map(c).values()}
+  return names | {f"model.layers.{i}.{suffix}" for i in range(c.num_layers) for suffix, *_ in _layer_map(c).values()}
+
+
+def _check_tied_head(tensors: _SafetensorsDir) -> None:
+  """A tied checkpoint may also store lm_head.weight; it must then be the embedding (at the file's precision)."""
+  head_file, head = tensors.raw("lm_head.weight")
+  _, embed = tensors.raw("model.embed_tokens.weight")
+  if head.shape != embed.shape:
+    raise CheckpointError(f"{head_file}: tensor 'lm_head.weight' has shape {head.shape} but the embeddings are "
+                          f"tied ({embed.shape})")
+  eps = max(float(jnp.finfo(head.dtype).eps), float(jnp.finfo(embed.dtype).eps))
+  for start in range(0, head.shape[0], 8192):  # row blocks: the table is never copied whole to float32
+    h, e = (x[start:start + 8192].astype(np.float32) for x in (head, embed))
+    if not np.array_equal(h, e) and not np.allclose(h, e, rtol=eps, atol=eps * float(np.abs(e).max())):
+      raise CheckpointError(f"{head_file}: tensor 'lm_head.weight' differs from model.embed_tokens.weight but "
+                            f"config.json ties them (tie_word_embeddings: true); max difference "
+                            f"{float(np.abs(h - e).max()):.3g} in rows {start}..{start + len(h) - 1}")
+
+
+def _summarise_names(names) -> str:
+  """Names with layer indices folded: "model.layers.*.self_attn.rotary_emb.inv_freq (x24), lm_head.bias"."""
+  groups: dict[str, list[str]] = {}
+  for name in sorted(names):
+    groups.setdefault(re.sub(r"\.\d+\.", ".*.", name), []).append(name)
+  return ", ".join(g[0] if len(g) == 1 else f"{pattern} (x{len(g)})" for pattern, g in groups.items())
 
 
 def load_config(path: str | os.PathLike, **overrides) -> Qwen2Config:
@@ -127,7 +213,8 @@ def load_config(path: str | os.PathLike, **overrides) -> Qwen2Config:
   try:
     return Qwen2Config.from_hf_dict(d, source=str(config_path), **overrides)
   except (ValueError, TypeError) as e:
-    raise CheckpointError(str(e)) from None
+    message = " ".join(str(e).split())
+    raise CheckpointError(message if message.startswith(str(config_path)) else f"{config_path}: {message}") from None
 
 
 def from_hf(path: str | os.PathLike, *, dtype: str | None = None, mesh: Mesh | None = None,
@@ -135,9 +222,16 @@ def from_hf(path: str | os.PathLike, *, dtype: str | None = None, mesh: Mesh | N
   """Loads a Hugging Face Qwen2 directory into a (sharded) rrjax model. `dtype` sets both the parameter
   and compute dtype (default: bf16 on accelerators, f32 on CPU); `config_overrides` may refine either."""
   path = Path(path)
-  dtype = dtype or default_dtype()
+  dtype = dtype or hardware.default_dtype()
   config = load_config(path, **{"param_dtype": dtype, "dtype": dtype, **(config_overrides or {})})
-  return from_tensors(config, _SafetensorsDir(path).get, mesh=mesh)
+  tensors = _SafetensorsDir(path)
+  extra = set(tensors.files) - _expected_names(config)
+  if config.tie_word_embeddings and "lm_head.weight" in extra:
+    _check_tied_head(tensors)
+    extra.discard("lm_head.weight")
+  if extra:
+    log.warning("%s: ignoring %d tensor(s) that Qwen2 has no use for: %s", path, len(extra), _summarise_names(extra))
+  return from_tensors(config, tensors.get, mesh=mesh)
 
 
 def from_tensors(config: Qwen2Config, get: Callable[[str, tuple[int, ...]], np.ndarray], *,
@@ -205,10 +299,12 @@ def hf_tensors(model: Qwen2, dtype: str | None = None):
     yield name, from_ours(host(model.lm_head[...]))
 
 
-def save_hf(model: Qwen2, path: str | os.PathLike, *, dtype: str | None = None,
-            max_shard_bytes: int = 5 * 10**9, tokenizer: tokenizer_lib.Tokenizer | None = None) -> Path:
-  """Writes an HF directory that transformers' AutoModelForCausalLM loads. Atomic: a temporary sibling
-  directory is renamed into place only when every file is written.
+def save_pretrained(model: Qwen2, path: str | os.PathLike, *, dtype: str | None = None,
+                    max_shard_bytes: int = 5 * 10**9, tokenizer: tokenizer_lib.Tokenizer | None = None) -> Path:
+  """Writes an HF directory that transformers' AutoModelForCausalLM loads, with the same logits. Atomic: a
+  temporary sibling directory is renamed into place only when every file is written. `dtype`: the tensors'
+  (default: the parameters'); shards of at most `max_shard_bytes`; the tokenizer files of `tokenizer`
+  (default: the bundled Qwen2.5 one).
 
   Multi-host: every process must call it (each tensor is gathered from all of them); process 0 writes.
   """
@@ -235,9 +331,7 @@ def _save_hf(model: Qwen2, path: Path, *, dtype: str | None, max_shard_bytes: in
              tokenizer: tokenizer_lib.Tokenizer | None) -> Path:
   dtype = dtype or model.config.param_dtype
   torch_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[str(jnp.dtype(dtype))]
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-  try:
+  with fileio.atomic_dir(path) as tmp:
     # Each shard is written as soon as it is full, so host memory holds at most one shard; the final
     # names need the shard count, so they are given once every shard is on disk.
     shard_names: list[list[str]] = []
@@ -268,29 +362,26 @@ def _save_hf(model: Qwen2, path: Path, *, dtype: str | None, max_shard_bytes: in
     if n > 1:
       index = {"metadata": {"total_size": total}, "weight_map": weight_map}
       (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    c = model.config
     tok = tokenizer or tokenizer_lib.load()
-    end_of_text = tok.token_to_id("<|endoftext|>")
-    if max(c.bos_token_id, c.eos_token_id) >= c.vocab_size:  # Qwen2.5's ids, but a small own vocabulary
-      c = c.replace(bos_token_id=end_of_text, eos_token_id=tok.eos_token_id)
+    c, generation = _special_ids(model.config, tok)
     (tmp / "config.json").write_text(json.dumps(c.to_hf_dict(torch_dtype), indent=2))
-    generation = {"bos_token_id": c.bos_token_id, "eos_token_id": [c.eos_token_id, end_of_text],
-                  "pad_token_id": end_of_text, "do_sample": False}
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
     tok.save(tmp)
-    if path.exists():
-      old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-      os.replace(path, old / "x")
-      os.replace(tmp, path)
-      shutil.rmtree(old)
-    else:
-      os.replace(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return path
 
 
-def save_pretrained(model: Qwen2, path: str | os.PathLike, **kwargs) -> Path:
-  """Writes `model` as a Hugging Face directory (see `save_hf`)."""
-  return save_hf(model, path, **kwargs)
+def _special_ids(c: Qwen2Config, tok: tokenizer_lib.Tokenizer) -> tuple[Qwen2Config, dict]:
+  """The config to export and its generation config. Ids outside the vocabulary (Qwen2.5's ids on a small own
+  vocabulary) become the tokenizer's, or null where those do not fit either; null ids stay null: an id that
+  the model was never given is not invented."""
+  def fits(i):
+    return i if i is not None and 0 <= i < c.vocab_size else None
+
+  end_of_text = fits(tok.token_to_id("<|endoftext|>"))
+  if any(i is not None and fits(i) is None for i in (c.bos_token_id, c.eos_token_id)):
+    c = c.replace(bos_token_id=end_of_text, eos_token_id=fits(tok.eos_token_id))
+  generation = {"bos_token_id": c.bos_token_id, "eos_token_id": None, "pad_token_id": None, "do_sample": False}
+  if c.eos_token_id is not None:
+    stops = [c.eos_token_id] + ([end_of_text] if end_of_text not in (None, c.eos_token_id) else [])
+    generation.update(eos_token_id=stops if len(stops) > 1 else stops[0], pad_token_id=end_of_text)
+  return c, generation

@@ -9,6 +9,7 @@ N query heads, K kv heads, G = N // K, H head dim, F mlp width, V vocab, L layer
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,6 +37,83 @@ REMAT_POLICIES = {
 POLICY_FIELDS = ("param_dtype", "dtype", "attention", "scan_layers", "remat")
 
 
+_REQUIRED = object()
+# transformers' Qwen2 default (4.x and 5.x) for a config.json that names no rope_theta anywhere.
+_HF_DEFAULT_ROPE_THETA = 10_000.0
+
+
+def _hf_field(d: dict, source: str, key: str, kind: type, *, positive: bool = False, default: Any = _REQUIRED):
+  """d[key] checked to be a `kind` (int, float or bool); missing or null takes `default`."""
+  value = d.get(key)
+  if value is None:
+    if default is _REQUIRED:
+      raise ValueError(f"{source}: {key}: is null" if key in d else f"{source}: missing field {key!r}")
+    return default
+  if kind is bool:
+    ok = isinstance(value, bool)
+  elif kind is int:  # JSON writers may print integral numbers as 32.0
+    ok = not isinstance(value, bool) and (isinstance(value, int) or (isinstance(value, float) and value.is_integer()))
+  else:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+  if not ok or (positive and value <= 0):
+    what = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+    raise ValueError(f"{source}: {key}: expected {'a positive integer' if positive else what}, got {value!r}")
+  return kind(value)
+
+
+def _hf_token_id(d: dict, key: str, source: str) -> int | None:
+  """A token id that may be missing, null, an int or a list of ints (then its first, as generation does)."""
+  value = d.get(key)
+  ids = value if isinstance(value, list) else [] if value is None else [value]
+  if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+    raise ValueError(f"{source}: {key}: expected a token id, a list of them or null, got {value!r}")
+  return ids[0] if ids else None
+
+
+def _hf_rope_theta(d: dict, source: str) -> float:
+  """rope_theta from 5.x's `rope_parameters` or 4.x's top level; only the default (unscaled) rope runs here."""
+  # transformers 5 gives a non-empty legacy `rope_scaling` precedence over `rope_parameters`.
+  field = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+  params = d.get(field) or {}
+  if not isinstance(params, dict):
+    raise ValueError(f"{source}: {field}: expected an object or null, got {params!r}")
+  kind = params.get("rope_type", params.get("type", "default"))
+  if kind not in ("default", None):
+    raise ValueError(f"{source}: {field}: rope type {kind!r} is not supported (rrjax implements the default "
+                     "unscaled rotary embedding only)")
+  theta = params.get("rope_theta", d.get("rope_theta"))
+  if theta is None:
+    return _HF_DEFAULT_ROPE_THETA
+  return _hf_field({"rope_theta": theta}, source, "rope_theta", float)
+
+
+def _check_full_attention(d: dict, source: str, num_layers: int, max_positions: int) -> None:
+  """Refuses sliding-window attention where transformers' Qwen2 would apply it: a window only exists with
+  use_sliding_window true, on the layers that layer_types (or, without it, max_window_layers) marks sliding,
+  and only changes attention when it is shorter than max_position_embeddings."""
+  f = functools.partial(_hf_field, d, source)
+  types = d.get("layer_types")
+  if types is not None:
+    if not isinstance(types, list) or len(types) != num_layers:
+      raise ValueError(f"{source}: layer_types: expected a list of {num_layers} layer types, got {types!r}")
+    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+    if unknown:
+      raise ValueError(f"{source}: layer_types: {unknown[0]!r} is not an attention type rrjax implements")
+  if not f("use_sliding_window", bool, default=False):
+    return
+  window = f("sliding_window", int, positive=True, default=None)
+  if window is None:
+    return
+  if types is None:
+    first = f("max_window_layers", int, default=28)  # transformers' default
+    types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+  sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+  if sliding and window < max_positions:
+    raise ValueError(f"{source}: use_sliding_window: true with sliding_window={window} < max_position_embeddings="
+                     f"{max_positions} restricts {len(sliding)} of {num_layers} layers (from layer {sliding[0]}) "
+                     "to a window; rrjax implements full causal attention only")
+
+
 @dataclasses.dataclass(frozen=True)
 class Qwen2Config:
   """Architecture plus run-time policy (dtypes, attention kernel, scan, remat)."""
@@ -51,8 +129,9 @@ class Qwen2Config:
   rope_theta: float = 1_000_000.0
   rms_norm_eps: float = 1e-6
   max_position_embeddings: int = 32768
-  bos_token_id: int = 151643
-  eos_token_id: int = 151645
+  # Qwen2.5's ids by default; None where a checkpoint's config.json has none (kept so through an export).
+  bos_token_id: int | None = 151643
+  eos_token_id: int | None = 151645
   name: str = "qwen2"
   # Policy, not architecture.
   param_dtype: str = "float32"
@@ -145,30 +224,40 @@ class Qwen2Config:
   @classmethod
   def from_hf_dict(cls, d: dict[str, Any], *, source: str = "config.json", name: str | None = None,
                    **overrides) -> Qwen2Config:
+    """The architecture of a Qwen2 config.json as transformers 4.x or 5.x writes it. Errors are ValueErrors
+    of one line, `<source>: <field>: <reason>`; what rrjax cannot run the same way (sliding-window layers,
+    scaled rope) is refused rather than silently changed."""
+    if not isinstance(d, dict):
+      raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
     archs = d.get("architectures") or ["Qwen2ForCausalLM"]
     if d.get("model_type", "qwen2") != "qwen2" or "Qwen2ForCausalLM" not in archs:
       raise ValueError(f"{source}: architecture {archs} / model_type {d.get('model_type')!r} is not "
                        "Qwen2ForCausalLM")
-    missing = [hf for hf in cls._HF_FIELDS.values() if hf not in d]
-    if missing:
-      raise ValueError(f"{source}: missing field {missing[0]!r}")
-    kw = {ours: int(d[hf]) for ours, hf in cls._HF_FIELDS.items()}
-    rope = d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta") or 1_000_000.0
-    if d.get("rope_scaling") or ((d.get("rope_parameters") or {}).get("rope_type", "default") != "default"):
-      raise ValueError(f"{source}: rope scaling {d.get('rope_scaling') or d.get('rope_parameters')} "
-                       "is not supported")
+    for hf in cls._HF_FIELDS.values():
+      if hf not in d:
+        raise ValueError(f"{source}: missing field {hf!r}")
+    f = functools.partial(_hf_field, d, source)
+    kw = {ours: f(hf, int, positive=True, default=None if hf == "num_key_value_heads" else _REQUIRED)
+          for ours, hf in cls._HF_FIELDS.items()}
+    if kw["num_kv_heads"] is None:  # transformers reads a null as one kv head per query head
+      kw["num_kv_heads"] = kw["num_heads"]
+    if (act := d.get("hidden_act", "silu")) != "silu":
+      raise ValueError(f"{source}: hidden_act: {act!r} is not supported (rrjax's MLP is SiLU-gated)")
     kw.update(
-        head_dim=int(d.get("head_dim") or kw["hidden_size"] // kw["num_heads"]),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        rope_theta=float(rope),
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
-        bos_token_id=int(d.get("bos_token_id", 151643) or 151643),
+        head_dim=f("head_dim", int, positive=True, default=kw["hidden_size"] // kw["num_heads"]),
+        tie_word_embeddings=f("tie_word_embeddings", bool, default=False),
+        rope_theta=_hf_rope_theta(d, source),
+        rms_norm_eps=f("rms_norm_eps", float, default=1e-6),
+        max_position_embeddings=f("max_position_embeddings", int, positive=True, default=32768),
+        bos_token_id=_hf_token_id(d, "bos_token_id", source),
+        eos_token_id=_hf_token_id(d, "eos_token_id", source),
         name=name or d.get("_name_or_path") or "qwen2",
     )
-    eos = d.get("eos_token_id", 151645)
-    kw["eos_token_id"] = int(eos[0] if isinstance(eos, list) else eos)
-    return cls(**{**kw, **overrides})
+    _check_full_attention(d, source, kw["num_layers"], kw["max_position_embeddings"])
+    try:
+      return cls(**{**kw, **overrides})
+    except ValueError as e:
+      raise ValueError(f"{source}: {e}") from None
 
   def to_hf_dict(self, torch_dtype: str = "float32") -> dict[str, Any]:
     return {
@@ -256,6 +345,12 @@ class DecoderLayers(nnx.Module):
 
   def weights(self) -> dict[str, jax.Array]:
     return {name: v[...] for name, v in vars(self).items() if isinstance(v, nnx.Param)}
+
+
+def _biased(spec, x, kernel, bias, dtype):
+  """x @ kernel + bias rounded to `dtype` once, as a fused linear layer (torch's addmm) does."""
+  y = jnp.einsum(spec, x, kernel.astype(dtype), preferred_element_type=jnp.float32)
+  return (y + bias.astype(dtype).astype(jnp.float32)).astype(dtype)
 
 
 def rms_norm(x_BxTxD, weight_D, eps):
@@ -360,9 +455,9 @@ class Qwen2(nnx.Module):
         return out if d is None else out + d
 
       h = rms_norm(x_BxTxD, w["attn_norm"], c.rms_norm_eps)
-      q = jnp.einsum("btd,dnh->btnh", h, w["q_kernel"].astype(c.dtype)) + w["q_bias"].astype(c.dtype)
-      k = jnp.einsum("btd,dkh->btkh", h, w["k_kernel"].astype(c.dtype)) + w["k_bias"].astype(c.dtype)
-      v = jnp.einsum("btd,dkh->btkh", h, w["v_kernel"].astype(c.dtype)) + w["v_bias"].astype(c.dtype)
+      q = _biased("btd,dnh->btnh", h, w["q_kernel"], w["q_bias"], c.dtype)
+      k = _biased("btd,dkh->btkh", h, w["k_kernel"], w["k_bias"], c.dtype)
+      v = _biased("btd,dkh->btkh", h, w["v_kernel"], w["v_bias"], c.dtype)
       q, k, v = adapted(q, h, "q"), adapted(k, h, "k"), adapted(v, h, "v")
       q = sharding.constrain(apply_rope(q, cos, sin), ("batch", "length", "q_heads", "head_dim"))
       k = sharding.constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
@@ -379,7 +474,9 @@ class Qwen2(nnx.Module):
       gate = jnp.einsum("btd,df->btf", h, w["gate_kernel"].astype(c.dtype))
       up = jnp.einsum("btd,df->btf", h, w["up_kernel"].astype(c.dtype))
       gate, up = adapted(gate, h, "gate"), adapted(up, h, "up")
-      act_BxTxF = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+      # SiLU in float32, rounded once (torch's silu does too): x * sigmoid(x) in bf16 rounds twice.
+      act_BxTxF = jax.nn.silu(gate.astype(jnp.float32)).astype(c.dtype) * up
+      act_BxTxF = sharding.constrain(act_BxTxF, ("batch", "length", "mlp"))
       mlp_BxTxD = adapted(jnp.einsum("btf,fd->btd", act_BxTxF, w["down_kernel"].astype(c.dtype)), act_BxTxF, "down")
       x_BxTxD = x_BxTxD + mlp_BxTxD
       x_BxTxD = sharding.constrain(x_BxTxD, ("batch", "length", "embed"))

@@ -88,8 +88,10 @@ def _finite(metrics: dict[str, float]) -> bool:
   return all(math.isfinite(v) for k, v in metrics.items() if k in ("loss", "grad_norm"))
 
 
-def run(config: TrainConfig, make_trainer: Callable[[TrainConfig, Mesh, Qwen2Config, tokenizer_lib.Tokenizer], Trainer], *,
-        operative_config: str | None = None) -> state_lib.TrainState:
+MakeTrainer = Callable[[TrainConfig, Mesh, Qwen2Config, tokenizer_lib.Tokenizer], Trainer]
+
+
+def run(config: TrainConfig, make_trainer: MakeTrainer, *, operative_config: str | None = None) -> state_lib.TrainState:
   """Trains to `trainer.total_steps`, resuming from the newest checkpoint in `config.run_dir`."""
   run_dir = Path(config.run_dir)
   primary = jax.process_index() == 0
@@ -153,7 +155,7 @@ def run(config: TrainConfig, make_trainer: Callable[[TrainConfig, Mesh, Qwen2Con
   if config.export_hf and total > 0:
     model = state_lib.model_from_state(lay, state)
     model = lora_lib.merge_lora(model)
-    out = hf.save_hf(model, run_dir / "hf", dtype=config.export_dtype, tokenizer=tok)
+    out = hf.save_pretrained(model, run_dir / "hf", dtype=config.export_dtype, tokenizer=tok)
     print(f"rrjax.train: exported Hugging Face checkpoint to {out}", flush=True)
   return state
 
