@@ -14,7 +14,11 @@ def torch_model(config: Qwen2Config, seed: int = 0) -> transformers.Qwen2ForCaus
   hf_config = transformers.Qwen2Config(**{k: v for k, v in config.to_hf_dict().items()
                                           if k not in ("architectures", "torch_dtype")})
   hf_config._attn_implementation = "eager"
-  model = transformers.Qwen2ForCausalLM(hf_config).float().eval()
+  return randomize(transformers.Qwen2ForCausalLM(hf_config).float().eval())
+
+
+def randomize(model: transformers.Qwen2ForCausalLM) -> transformers.Qwen2ForCausalLM:
+  """Biases and norm weights drawn at random (they start at 0 and 1), in place."""
   with torch.no_grad():
     for name, p in model.named_parameters():
       if name.endswith("bias"):

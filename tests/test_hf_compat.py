@@ -32,14 +32,8 @@ DROP = object()
 def _random_hf(seed: int = 0, **kw) -> transformers.Qwen2ForCausalLM:
   """A random transformers model; biases and norm weights are randomised too so that every tensor matters."""
   torch.manual_seed(seed)
-  model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{**BASE, **kw})).float().eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith("bias"):
-        p.normal_(0.0, 0.5)
-      elif "norm" in name:
-        p.uniform_(0.5, 1.5)
-  return model
+  model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{**BASE, **kw}))
+  return hf_reference.randomize(model.float().eval())
 
 
 def _edit_config(path: Path, **fields) -> Path:
