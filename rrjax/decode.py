@@ -121,7 +121,7 @@ def compilation_count() -> int:
 
 def default_cache_dtype(config: Qwen2Config) -> str:
   """bf16 on accelerators; the model's compute dtype on CPU (where bf16 is slow and tests want f32)."""
-  return config.dtype if hardware.default_dtype() == "float32" else "bfloat16"
+  return config.dtype if hardware.platform() == "cpu" else "bfloat16"
 
 
 def _data_shards(mesh: Mesh | None) -> int:
@@ -285,7 +285,8 @@ def estimate_memory(model: Qwen2, batch: int, prompt_len: int, new_tokens: int, 
   heads = c.num_heads // tensor if c.num_heads % tensor == 0 else c.num_heads
   item = jnp.dtype(c.dtype).itemsize
   # Prefill attends the prompt to itself: XLA materialises P x P scores; the fused kernels work in tiles.
-  score_cols = prompt_len if c.attention == "xla" else min(prompt_len, 512)
+  fused = c.attention in ("cudnn", "splash") or (c.attention == "auto" and hardware.platform() != "cpu")
+  score_cols = min(prompt_len, 512) if fused else prompt_len
   act = rows * (2 * heads * prompt_len * score_cols * 4  # scores + probs
                 + prompt_len * (3 * c.intermediate_size + 4 * c.hidden_size) * item
                 + 2 * c.vocab_size * 4)

@@ -5,6 +5,8 @@ Benchmarks and the training loop's MFU divide by these.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import time
 
@@ -22,10 +24,30 @@ PEAK_FLOPS_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12,
                    "TPU v6": 918e12}
 
 
-def default_dtype(platform: str | None = None) -> str:
+_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("rrjax_target_platform", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(name: str):
+  """Programs built inside are for `name` ("cpu", "gpu", "tpu"), whatever the host runs: an ahead-of-time
+  compile for a TPU topology on a CPU machine must pick TPU defaults (dtype, attention kernel, cache)."""
+  token = _TARGET.set(name)
+  try:
+    yield
+  finally:
+    _TARGET.reset(token)
+
+
+def platform() -> str:
+  """The platform programs are being built for: `target_platform`'s, else JAX's default backend."""
+  name = _TARGET.get() or jax.default_backend()
+  return "gpu" if name in ("cuda", "rocm") else name
+
+
+def default_dtype(platform_name: str | None = None) -> str:
   """The compute dtype where a config does not say: float32 on CPU (where bf16 is slow and tests want exact
-  results), bfloat16 on accelerators. `platform` defaults to JAX's default backend."""
-  return "float32" if (platform or jax.default_backend()) == "cpu" else "bfloat16"
+  results), bfloat16 on accelerators."""
+  return "float32" if (platform_name or platform()) == "cpu" else "bfloat16"
 
 
 def _published(table: dict[str, float]) -> tuple[float, str] | None:

@@ -190,3 +190,27 @@ def test_cudnn_attention_matches_xla():
   xla = Qwen2(config, rngs=nnx.Rngs(0))(tokens)
   cudnn = Qwen2(config.replace(attention="cudnn"), rngs=nnx.Rngs(0))(tokens)
   np.testing.assert_allclose(np.asarray(cudnn), np.asarray(xla), atol=5e-2)
+
+
+def test_auto_attention_follows_the_target_platform():
+  import jax.numpy as jnp
+
+  from rrjax import hardware
+  from rrjax.model import attention
+
+  seg = jnp.ones((1, 256), jnp.int32)
+  idx = jnp.arange(256)
+  self_mask = attention.Mask(seg, seg, idx, idx, causal_only=True)
+  cache_mask = attention.Mask(seg[:, :1], seg, idx[:1], idx, causal_only=False)
+  q_bf16, q_f32 = jnp.zeros((1, 256, 4, 16), jnp.bfloat16), jnp.zeros((1, 256, 4, 16), jnp.float32)
+  assert attention.resolve("auto", q_f32, self_mask) == "xla"  # this CPU host
+  with hardware.target_platform("tpu"):
+    assert attention.resolve("auto", q_bf16, self_mask) == "splash"
+    assert attention.resolve("auto", q_bf16[:, :100], self_mask) == "xla"  # splash needs T % 128 == 0
+    assert attention.resolve("auto", q_bf16[:, :1], cache_mask) == "xla"  # one decode step against a cache
+    assert hardware.default_dtype() == "bfloat16"
+  with hardware.target_platform("gpu"):
+    assert attention.resolve("auto", q_bf16, self_mask) == "cudnn"
+    assert attention.resolve("auto", q_f32, self_mask) == "xla"  # cuDNN would round f32 to bf16
+    assert attention.resolve("xla", q_bf16, self_mask) == "xla"
+  assert hardware.default_dtype() == "float32" and hardware.platform() == "cpu"

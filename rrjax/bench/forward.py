@@ -42,7 +42,7 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--seq", type=int, default=256)
   p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on accelerators")
-  p.add_argument("--attention", default="xla")
+  p.add_argument("--attention", default="auto")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--no-torch", action="store_true")
   args = p.parse_args(argv)

@@ -1,4 +1,6 @@
-"""Attention behind one interface: "xla" (every backend), "cudnn" (GPU) and "splash" (TPU Pallas).
+"""Attention behind one interface: "xla" (every backend), "cudnn" (GPU), "splash" (TPU Pallas), and "auto",
+which picks the fused kernel of the platform the program is built for (rrjax.hardware.platform) where it
+applies: splash on TPU for self-attention over a multiple of 128 tokens, cuDNN on GPU in bf16/fp16, else xla.
 
 A key is visible to a query when both are in the same non-zero segment and the key's slot index is not
 after the query's (causal by slot, so left padding with explicit positions works unchanged).
@@ -12,7 +14,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+from rrjax import hardware
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -30,8 +34,21 @@ class Mask(NamedTuple):
     return same & valid & causal
 
 
-def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: Mask, *, impl: str = "xla"):
+def resolve(impl: str, q_BxTxNxH, mask: Mask) -> str:
+  """The kernel "auto" stands for here (other names are returned as they are)."""
+  if impl != "auto":
+    return impl
+  target = hardware.platform()
+  if target == "tpu" and mask.causal_only and q_BxTxNxH.shape[1] % 128 == 0:
+    return "splash"
+  if target == "gpu" and q_BxTxNxH.dtype in (jnp.bfloat16, jnp.float16) and q_BxTxNxH.shape[-1] % 8 == 0:
+    return "cudnn"
+  return "xla"
+
+
+def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: Mask, *, impl: str = "auto"):
   """Scaled dot-product attention with grouped kv heads; returns [B, T, N, H] in q's dtype."""
+  impl = resolve(impl, q_BxTxNxH, mask)
   if impl == "xla":
     return _attend_xla(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask)
   if impl == "cudnn":

@@ -136,7 +136,7 @@ class Qwen2Config:
   # Policy, not architecture.
   param_dtype: str = "float32"
   dtype: str = "float32"
-  attention: str = "xla"  # xla | cudnn | splash
+  attention: str = "auto"  # auto (the platform's fused kernel where it applies) | xla | cudnn | splash
   scan_layers: bool = True
   remat: str = "none"  # none | full | dots | dots_no_batch
   lora: LoraConfig = LoraConfig()  # adapters (rank 0: none)

@@ -19,7 +19,7 @@ from rrjax.train import config as config_lib
 
 @gin.configurable
 def model_preset(name: str = "tiny", *, param_dtype: str | None = None, dtype: str | None = None,
-                 attention: str = "xla", scan_layers: bool = True, remat: str = "none",
+                 attention: str = "auto", scan_layers: bool = True, remat: str = "none",
                  **architecture) -> Qwen2Config:
   """A Qwen2.5 preset ("0.5b" ... "72b", "tiny") with this run's policy; architecture overrides allowed."""
   return Qwen2Config.preset(name, param_dtype=param_dtype or "float32", dtype=dtype or hardware.default_dtype(),
