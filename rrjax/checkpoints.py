@@ -51,8 +51,11 @@ def meta_for(model_cfg: Qwen2Config, lora: lora_lib.LoraConfig, trainer: str) ->
 
 def config_from_meta(meta: dict, source: str, policy: dict | None = None) -> Qwen2Config:
   """The stored architecture with the stored policy (overridden by `policy`) and the stored adapters."""
-  config = Qwen2Config.from_hf_dict(meta["model"], source=source, **{**meta.get("policy", {}), **(policy or {})})
-  return config.replace(lora=lora_lib.LoraConfig(**meta.get("lora", {})))
+  try:
+    config = Qwen2Config.from_hf_dict(meta["model"], source=source, **{**meta.get("policy", {}), **(policy or {})})
+    return config.replace(lora=lora_lib.LoraConfig(**meta.get("lora", {})))
+  except (KeyError, TypeError, ValueError) as e:
+    raise CheckpointError(f"{source}: {' '.join(str(e).split())}") from None
 
 
 class Checkpointer:
