@@ -55,7 +55,8 @@ def config_from_meta(meta: dict, source: str, policy: dict | None = None) -> Qwe
     config = Qwen2Config.from_hf_dict(meta["model"], source=source, **{**meta.get("policy", {}), **(policy or {})})
     return config.replace(lora=lora_lib.LoraConfig(**meta.get("lora", {})))
   except (KeyError, TypeError, ValueError) as e:
-    raise CheckpointError(f"{source}: {' '.join(str(e).split())}") from None
+    message = " ".join(str(e).split())
+    raise CheckpointError(message if message.startswith(source) else f"{source}: {message}") from None
 
 
 class Checkpointer:
