@@ -34,7 +34,7 @@ from rrjax.synth.task import TaskConfig
 from rrjax.train import __main__ as train_entry
 from rrjax.train.config import TrainConfig
 
-DEFAULT_GIN = "configs/demo.gin"
+DEFAULT_GIN = "demo.gin"  # configs/demo.gin, installed with the package
 STAGES = (("first_stage", "first stage (lexical TF-IDF)"), ("sft", "after SFT"), ("grpo", "after SFT + GRPO"))
 
 
@@ -233,6 +233,11 @@ def main(argv=None) -> int:
   config, operative = parse_config(args.gin_file or [DEFAULT_GIN], args.gin_param)
   summary = run(config, operative, Path(args.out))
   return 0 if summary.get("transformers_max_abs_logit_diff", 0.0) <= 1e-4 else 1
+
+
+def console() -> None:
+  """The `rrjax-demo` console script (errors are prefixed with the script's name)."""
+  cli.run(main)
 
 
 if __name__ == "__main__":

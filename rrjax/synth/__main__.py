@@ -115,5 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 0
 
 
+def console() -> None:
+  """The `rrjax-synth` console script (errors are prefixed with the script's name)."""
+  cli.run(main)
+
+
 if __name__ == "__main__":
   cli.run(main, prog="python -m rrjax.synth")
