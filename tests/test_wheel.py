@@ -2,7 +2,8 @@
 
 The wheel is built from the source files, installed into a fresh venv and used from a temporary directory that
 is not the repository: every gin file under configs/ parses through its entry point's parser from the installed
-copy, `rrjax-synth` + `rrjax-train` run one SFT step of the tiny config, `rrjax-eval` scores DL19.
+copy, `rrjax-synth` + `rrjax-train` run one SFT step of the tiny config, `rrjax-eval` scores DL19 and
+`rrjax-bright --first-stage-only` prints the paper's first-stage row from the bundled runs.
 
 The fresh venv gets only the wheel (`--no-deps`, so no network). Its dependencies come from this test's own venv
 through a plain path line in a .pth file: that puts the packages on sys.path but runs none of that venv's .pth
@@ -26,7 +27,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_INPUTS = ("pyproject.toml", "setup.py", "README.md", "rrjax", "configs")
 TEST_ONLY = ("torch", "transformers", "pytest", "hypothesis", "pytrec_eval")
-SCRIPTS = ("rrjax-train", "rrjax-rerank", "rrjax-eval", "rrjax-export", "rrjax-synth", "rrjax-demo")
+SCRIPTS = ("rrjax-train", "rrjax-rerank", "rrjax-eval", "rrjax-export", "rrjax-synth", "rrjax-demo", "rrjax-bright",
+           "rrjax-retrieve")
 DL19 = ROOT / "tests" / "data" / "trec" / "dl19"
 
 # Runs inside the new venv: where rrjax comes from, and every gin file through its entry point's parser.
@@ -118,7 +120,8 @@ def test_wheel_carries_configs_assets_and_scripts(installed):
   configs = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*") if p.is_file())
   assert configs and {f"rrjax/{c}" for c in configs} <= names
   assets = [p.relative_to(ROOT).as_posix() for p in (ROOT / "rrjax" / "assets").rglob("*") if p.is_file()]
-  assert {"rrjax/assets/qwen2.5-tokenizer/tokenizer.json"} <= set(assets) <= names
+  assert {"rrjax/assets/qwen2.5-tokenizer/tokenizer.json", "rrjax/assets/bright/LICENSE-ReasonRank.txt",
+          "rrjax/assets/bright/runs/stackoverflow.reasonir_gpt4cot_top100.txt.gz"} <= set(assets) <= names
   assert not [n for n in names if n.startswith(("tests/", "configs/", "launch/", "scripts/"))]
   entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
   text = zipfile.ZipFile(wheel).read(entry_points).decode()
@@ -154,6 +157,10 @@ def test_installed_package_runs_from_another_directory(installed):
   proc = _run(["rrjax-eval", "--qrels", str(DL19 / "qrels.dl19-passage.txt.gz"),
                "--run", str(DL19 / "BM25.dl19.top100.trec.gz"), "--metrics", "ndcg@10", "--json"], work, env)
   assert round(json.loads(proc.stdout)["mean"]["ndcg@10"], 4) == 0.5058
+
+  # The bundled first-stage runs and qrels: the paper's first-stage row.
+  proc = _run(["rrjax-bright", "--first-stage-only"], work, env)
+  assert proc.stdout.strip().endswith("| 30.59 |") and "stackoverflow: skipped 12" in proc.stderr
 
   bad = subprocess.run(["rrjax-train", "--gin_file", "sft/nope.gin"], cwd=work, env=env, capture_output=True,
                        text=True, timeout=120)
