@@ -81,7 +81,8 @@ def _report_skips(stats: Mapping[str, Mapping]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  ap = argparse.ArgumentParser(prog="python -m rrjax.bright", description=__doc__.splitlines()[0],
+  # No abbreviations: the rerank flags that pass through must not be taken for ours (--mode for --model).
+  ap = argparse.ArgumentParser(prog="python -m rrjax.bright", description=__doc__.splitlines()[0], allow_abbrev=False,
                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
   ap.add_argument("--first-stage-only", action="store_true", help="score the bundled first-stage runs only")
   ap.add_argument("--model", help="a Hugging Face Qwen2 directory or an rrjax checkpoint")

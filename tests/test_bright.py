@@ -59,7 +59,7 @@ def test_whole_table_on_a_snapshot_resumes_per_task(tmp_path, tiny_model, capsys
   argv = ["--model", tiny_model, "--data_dir", str(snap), "--tasks", "economics,pony", "--out", str(out),
           "--gin_param", "RerankSettings.top_k = 4", "--gin_param", "RerankSettings.window = 4",
           "--gin_param", "RerankSettings.stride = 2", "--gin_param", "RerankSettings.max_queries = 2",
-          "--max-new-tokens", "4", "--max-passage-tokens", "16", "--no-progress"]
+          "--mode", "listwise", "--max-new-tokens", "4", "--max-passage-tokens", "16", "--no-progress"]
   assert bright.main(argv) == 0
   text, err = capsys.readouterr()
   assert err.count(": reranking") == 2

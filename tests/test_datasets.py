@@ -52,6 +52,8 @@ def test_bright_snapshot_reads_like_jsonl(tmp_path, reference):
   assert corpus.read_documents(ds.corpus) == trec.read_corpus(reference / "untitled.jsonl")
   assert corpus.read_queries(ds.queries) == trec.read_topics(reference / "topics.tsv") == QUERIES
   assert ds.read_qrels() == {q: dict.fromkeys(d, 1) for q, d in QRELS.items()}  # gold_ids: relevance 1
+  assert set(benchmarks.resolve("bright:earth_science", write_bright(
+      tmp_path / "B2", "earth_science", {"d1": "x"}, QUERIES, {"q1": ["d1"]}), run="r").read_qrels()) == {"q1"}
   _same_inputs(ds.load(top_k=3), load_inputs(reference / "untitled.jsonl", reference / "run.trec",
                                              reference / "topics.tsv", top_k=3))
   # The hub cache's layout, from the cache root or the dataset's folder; bright-long reads long_documents/.

@@ -81,6 +81,17 @@ def _run(cmd, cwd, env, timeout=300):
   return proc
 
 
+def _build_flags() -> list[str]:
+  """Build with this venv's setuptools when it is recent enough (no network), else in pip's isolated env."""
+  try:
+    import setuptools
+    if int(setuptools.__version__.split(".")[0]) >= 77:  # pyproject.toml's build-system requirement
+      return ["--no-build-isolation", "--no-index"]
+  except ImportError:
+    pass
+  return []
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
   """(the new venv's python, the environment to run it in, the wheel) after a non-editable install."""
@@ -94,8 +105,7 @@ def installed(tmp_path_factory):
     else:
       shutil.copy2(item, src / name)
   pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
-  _run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(tmp / "dist"), str(src)],
-       tmp, os.environ)
+  _run([*pip, "wheel", "--no-deps", *_build_flags(), "-w", str(tmp / "dist"), str(src)], tmp, os.environ)
   (wheel,) = (tmp / "dist").glob("rrjax-*.whl")
   venv = tmp / "venv"
   _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp, os.environ)

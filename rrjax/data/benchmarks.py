@@ -19,7 +19,7 @@ import argparse
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from rrjax.data import corpus as corpus_lib
 
@@ -95,7 +95,8 @@ class Dataset:
     from rrjax.data.inputs import load_inputs
     exclude = corpus_lib.read_id_lists(self.exclude, "excluded_ids") if self.exclude else None
     return load_inputs(self.corpus, self.run, self.queries, top_k=top_k, max_queries=max_queries,
-                       skip_malformed=self.skip_malformed_run, exclude=exclude, dataset=self.name)
+                       skip_malformed=self.skip_malformed_run, exclude=exclude,
+                       dataset=None if self.name == "files" else self.name)
 
   def read_qrels(self) -> dict[str, dict[str, int]] | None:
     return corpus_lib.read_qrels(self.qrels, field=self.qrels_field) if self.qrels else None
@@ -168,10 +169,3 @@ def task_list(text: str | None) -> list[str]:
     return list(BRIGHT_TASKS)
   return list(dict.fromkeys(bright_task(t) for t in text.split(",") if t.strip()))
 
-
-def sources(dataset: Dataset) -> dict[str, Any]:
-  """The files a rerank read, for its report."""
-  def names(paths: Sequence[str] | None):
-    return None if not paths else (paths[0] if len(paths) == 1 else list(paths))
-  return {"dataset": dataset.name, "corpus": names(dataset.corpus), "queries": names(dataset.queries),
-          "run": dataset.run, "qrels": names(dataset.qrels)}

@@ -231,7 +231,8 @@ def _beir_qrels(path: PathLike) -> trec.TrecDict:
 
 
 def read_qrels(paths: Paths, field: str = "gold_ids") -> dict[str, dict[str, int]]:
-  """{qid: {docid: rel}} from TREC qrels, BEIR qrels tsv, or a parquet of examples (`field`, relevance 1)."""
+  """{qid: {docid: rel}} from TREC qrels, BEIR qrels tsv, or a parquet of examples (`field`, relevance 1; a query
+  whose list is empty or "N/A" is left out, as it would be from a TREC qrels file)."""
   qrels: dict[str, dict[str, int]] = {}
   for path in _paths(paths):
     if _kind(path) == "parquet":
@@ -239,7 +240,8 @@ def read_qrels(paths: Paths, field: str = "gold_ids") -> dict[str, dict[str, int
       for row, qid, ids in _list_column_rows(path, field):
         if qid in part:
           raise TrecFormatError(path, None, f"row {row}: duplicate query id {qid!r}")
-        part[qid] = dict.fromkeys(ids, 1)
+        if ids:  # a query without judgments has no qrels lines, as in a TREC qrels file
+          part[qid] = dict.fromkeys(ids, 1)
     elif _is_beir_qrels(path):
       part = _beir_qrels(path)
     else:
