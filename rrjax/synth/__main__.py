@@ -41,7 +41,8 @@ def make_teacher(args, out: Path, tokenizer):
                           timeout_s=args.timeout_s, temperature=args.temperature, max_tokens=args.max_tokens,
                           cache_dir=args.cache_dir or str(out / "cache"))
     client = ChatClient(config)
-    return ChatTeacher(client, tokenizer, args.max_passage_tokens, require_reasoning=not args.allow_no_reasoning), client
+    teacher = ChatTeacher(client, tokenizer, args.max_passage_tokens, require_reasoning=not args.allow_no_reasoning)
+    return teacher, client
   if not args.checkpoint:
     raise ValueError("--teacher local needs --checkpoint")
   from rrjax.checkpoints import from_pretrained
