@@ -34,8 +34,8 @@ from rrjax.synth.task import TaskConfig
 from rrjax.train import __main__ as train_entry
 from rrjax.train.config import TrainConfig
 
-DEFAULT_GIN = "configs/demo.gin"
-STAGES = (("first_stage", "first stage (lexical TF-IDF)"), ("sft", "after SFT"), ("grpo", "after SFT + GRPO"))
+DEFAULT_GIN = "demo.gin"  # configs/demo.gin, installed with the package
+STAGES = (("first_stage", "first stage (BM25, bm25s)"), ("sft", "after SFT"), ("grpo", "after SFT + GRPO"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +138,7 @@ def plot(out: Path, sft_dir: Path, grpo_dir: Path, ndcg: Mapping[str, float]) ->
     ax.set_title(title)
     ax.set_xlabel("step")
   axes[0].set_yscale("log")
-  labels = [label.replace(" (lexical TF-IDF)", "") for _, label in STAGES]
+  labels = [label.split(" (")[0] for _, label in STAGES]
   values = [ndcg[name] for name, _ in STAGES]
   bars = axes[2].bar(labels, values, color=["#999999", "#4c72b0", "#dd8452"])
   axes[2].bar_label(bars, fmt="%.3f")
@@ -233,6 +233,11 @@ def main(argv=None) -> int:
   config, operative = parse_config(args.gin_file or [DEFAULT_GIN], args.gin_param)
   summary = run(config, operative, Path(args.out))
   return 0 if summary.get("transformers_max_abs_logit_diff", 0.0) <= 1e-4 else 1
+
+
+def console() -> None:
+  """The `rrjax-demo` console script (errors are prefixed with the script's name)."""
+  cli.run(main)
 
 
 if __name__ == "__main__":

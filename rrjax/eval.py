@@ -166,6 +166,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 0
 
 
+def console() -> None:
+  """The `rrjax-eval` console script (errors are prefixed with the script's name)."""
+  from rrjax import cli
+  cli.run(main)
+
+
 if __name__ == "__main__":
   from rrjax import cli
   cli.run(main, prog="rrjax.eval")

@@ -28,5 +28,10 @@ def main(argv=None) -> int:
   return 0
 
 
+def console() -> None:
+  """The `rrjax-export` console script (errors are prefixed with the script's name)."""
+  cli.run(main)
+
+
 if __name__ == "__main__":
   cli.run(main, prog="rrjax.export")

@@ -1,21 +1,32 @@
 """gin at the entry points (train, rerank, demo): one way to find files, parse them and report errors.
 
-A gin file name, and every `include` inside one, resolves against: the directory of the file being read,
-the working directory, the entry point's own folder of configs (`configs/rerank` for rerank), `configs/`,
-and the repository root (so `include 'configs/mesh/gpu_8.gin'` works from anywhere). gin's errors become
-one-line ValueErrors. The library never sees gin: `make()` returns the frozen dataclasses it takes.
+A gin file name (`--gin_file sft/reasonrank_7b.gin`), and every `include` inside one (`include
+'mesh/gpu_8.gin'`), resolves against the user's paths first: the working directory (and, for includes,
+the directories of the files given); then rrjax's own configs (`CONFIG_ROOT`): the entry point's folder
+(`rerank/` for rerank), then the root. `CONFIG_ROOT` is the configs/ that a wheel installs inside the
+package (`rrjax/configs`), or the repository's top-level configs/ in a source checkout (the one copy
+people edit); names that start with `configs/` resolve too. gin's errors become one-line ValueErrors. The
+library never sees gin: `make()` returns the frozen dataclasses it takes.
 """
 
 from __future__ import annotations
 
 import importlib.util  # noqa: F401  gin 0.5.0 needs it loaded before relative includes
+import os
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
 import gin
 import gin.config
 
-CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+
+def _config_root() -> Path:
+  package = Path(__file__).resolve().parent
+  installed = package / "configs"  # a wheel maps the repository's configs/ here (setup.py)
+  return installed if installed.is_dir() else package.parent / "configs"
+
+
+CONFIG_ROOT = _config_root()
 
 T = TypeVar("T")
 
@@ -24,7 +35,7 @@ def _roots(subdir: str | None) -> list[Path]:
   roots = [Path.cwd()]
   if subdir:
     roots.append(CONFIG_ROOT / subdir)
-  return roots + [CONFIG_ROOT, CONFIG_ROOT.parent]
+  return roots + [CONFIG_ROOT, CONFIG_ROOT.parent]  # the parent: `configs/mesh/gpu_8.gin` as written before
 
 
 def resolve(name: str | Path, subdir: str | None = None) -> Path:
@@ -48,6 +59,9 @@ def parse(gin_files: Sequence[str | Path], gin_params: Sequence[str], make: Call
     gin.clear_config()
     # gin 0.5 keeps one global, ever-growing list of include prefixes: set it to this parse's own.
     gin.config._LOCATION_PREFIXES[:] = [""] + [str(p) for p in search]
+    # Plain files only: gin's second reader imports `a.b` to look for `a/b/x.gin` and logs an ERROR line for
+    # every search path a name is not under.
+    gin.config._FILE_READERS[:] = [(open, os.path.isfile)]
     try:
       gin.parse_config_files_and_bindings([str(f) for f in files], list(gin_params), finalize_config=False)
       return make()

@@ -14,7 +14,7 @@ import io
 import json
 import math
 import os
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Collection, Iterable, Iterator, Mapping
 
 from rrjax.fileio import atomic_open
 from rrjax.ranking.prompt import CONTENT_FIELDS
@@ -24,6 +24,8 @@ PathLike = str | os.PathLike
 ID_FIELDS = ("docid", "_id", "id")
 QUERY_ID_FIELDS = ("id", "qid", "_id", "query_id")
 QUERY_TEXT_FIELDS = ("query", "text", "contents")
+# A document's text: upstream's prompt precedence, then BRIGHT's column name.
+TEXT_FIELDS = CONTENT_FIELDS + ("content",)
 
 
 class TrecFormatError(ValueError):
@@ -168,21 +170,29 @@ def _tsv_topics(path: PathLike) -> Iterator[tuple[int, str, str]]:
     yield n, qid.strip(), query
 
 
-def read_corpus(path: PathLike) -> dict[str, dict[str, str]]:
-  """jsonl corpus -> {docid: {"text": ..., "title": ...}} ("title" only when present).
-
-  The id is the first of docid/_id/id; the text the first non-null of rrjax.ranking.prompt.CONTENT_FIELDS
-  (upstream's precedence), so `titled_content(corpus[docid])` gives upstream's passage string.
-  """
-  corpus: dict[str, dict[str, str]] = {}
+def iter_corpus(path: PathLike, wanted: Collection[str] | None = None) -> Iterator[tuple[int, str, dict[str, str]]]:
+  """(line, docid, {"text", ["title"]}) of a jsonl corpus, streamed; with `wanted`, only those documents."""
   for n, obj in json_lines(path):
     docid = _field(path, n, obj, ID_FIELDS, "document id")
-    text = _field(path, n, obj, CONTENT_FIELDS, "text")
-    if docid in corpus:
-      raise TrecFormatError(path, n, f"duplicate document id {docid!r}")
-    doc = {"text": text}
+    if wanted is not None and docid not in wanted:
+      continue
+    doc = {"text": _field(path, n, obj, TEXT_FIELDS, "text")}
     if obj.get("title"):
       doc["title"] = str(obj["title"])
+    yield n, docid, doc
+
+
+def read_corpus(path: PathLike, wanted: Collection[str] | None = None) -> dict[str, dict[str, str]]:
+  """jsonl corpus -> {docid: {"text": ..., "title": ...}} ("title" only when present); with `wanted`, only
+  those documents are kept (the file is streamed). rrjax.data.corpus reads the other published layouts.
+
+  The id is the first of docid/_id/id; the text the first non-null of TEXT_FIELDS (upstream's precedence,
+  then BRIGHT's `content`), so `titled_content(corpus[docid])` gives upstream's passage string.
+  """
+  corpus: dict[str, dict[str, str]] = {}
+  for n, docid, doc in iter_corpus(path, wanted):
+    if docid in corpus:
+      raise TrecFormatError(path, n, f"duplicate document id {docid!r}")
     corpus[docid] = doc
   return corpus
 

@@ -3,7 +3,9 @@
 Modes: `listwise` (ReasonRank: top-100, windows of 20, stride 10, back to front, every query's k-th window
 in one batch), `full` (one prompt over all top-k passages) and `pointwise` (Rank1). Settings come from
 upstream's defaults, then `--gin_file`/`--gin_param` (`RerankSettings.window = 20`, see configs/rerank/),
-then flags. With a RankGPT json as --corpus, --run and --queries default to that file's. Every input is
+then flags. With a RankGPT json as --corpus, --run and --queries default to that file's. `--dataset
+bright:TASK|beir|msmarco --data_dir D` reads a benchmark in its published layout (rrjax.data.benchmarks:
+BRIGHT with ReasonRank's bundled first-stage runs); explicit file flags override it. Every input is
 read and checked before the model loads; bad input is one stderr line naming the file, line and id, exit 2,
 and nothing written. The run (OUT.trec) and a report (OUT.json: settings, per-query windows, tokens, parser
 fallbacks, throughput, metrics against --qrels) are written atomically at the end.
@@ -23,8 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 import gin
 
 from rrjax import distributed, gin_config
-from rrjax.data import trec
-from rrjax.data.inputs import load_inputs
+from rrjax.data import benchmarks
 from rrjax.ranking import rerank_loop as loop
 from rrjax.ranking.prompt import PROMPT_MODES
 from rrjax.rerank import report as report_lib
@@ -68,9 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
   distributed.add_flags(ap)
   ap.add_argument("--run", help="first-stage TREC run (default: the RankGPT --corpus's)")
   ap.add_argument("--queries", help="topics, tsv `qid<TAB>query` or jsonl (default: the RankGPT --corpus's)")
-  ap.add_argument("--corpus", required=True, help="jsonl corpus, or a RankGPT json [{query, hits}]")
+  ap.add_argument("--corpus", help="corpus: jsonl, tsv or parquet, or a RankGPT json [{query, hits}] (or --dataset)")
   ap.add_argument("--out", required=True, help="the reranked TREC run; the report goes next to it as .json")
   ap.add_argument("--qrels", help="TREC qrels: report NDCG@1/5/10 and Recall@k, ours and the first stage's")
+  benchmarks.add_flags(ap)
   ap.add_argument("--gin_file", action="append", default=[], help="gin file(s) binding RerankSettings.*")
   ap.add_argument("--gin_param", action="append", default=[], help="e.g. 'RerankSettings.window = 20'")
   ap.add_argument("--dtype", help="model dtype (default: float32 on CPU, bfloat16 on accelerators)")
@@ -132,20 +134,26 @@ def rerank_across_processes(queries: Sequence, rerank_queries: Callable[[list], 
   return {q: dict(merged[q]) for q in order}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, model=None, tokenizer=None) -> int:
+  """The CLI; `model` and `tokenizer`, when given, are used instead of loading --model (rrjax.bright reranks
+  every task with one model)."""
   args = build_parser().parse_args(argv)
   settings = resolve_settings(args)
   report_lib.report_path(args.out)  # a bad --out fails before any work
-  inputs = load_inputs(args.corpus, args.run, args.queries, top_k=settings.top_k, max_queries=settings.max_queries)
-  qrels = trec.read_qrels(args.qrels) if args.qrels else None
+  dataset = benchmarks.from_args(args)
+  inputs = dataset.load(top_k=settings.top_k, max_queries=settings.max_queries)
+  qrels = dataset.read_qrels()
+  if inputs.sources.get("run_lines_skipped"):
+    print(f"rrjax.rerank: skipped {inputs.sources['run_lines_skipped']} run lines that are not 6 fields "
+          f"(docids with spaces), as upstream does: {dataset.run}", file=sys.stderr)
 
   from rrjax import tokenizer as tokenizer_lib
   from rrjax.checkpoints import from_pretrained
 
   distributed.initialize_from_args(args)
   # One model per process on its own devices: with several hosts, each reranks its share of the queries.
-  model = from_pretrained(args.model, dtype=args.dtype)
-  tokenizer = tokenizer_lib.load(args.model)
+  model = model if model is not None else from_pretrained(args.model, dtype=args.dtype)
+  tokenizer = tokenizer if tokenizer is not None else tokenizer_lib.load(args.model)
   outputs = []
 
   def rerank_share(queries):
@@ -154,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   reranked = rerank_across_processes(inputs.queries, rerank_share)
   extra = {"model": str(args.model), "gin_files": list(args.gin_file), "gin_params": list(args.gin_param)}
-  sources = {**inputs.sources, "qrels": args.qrels}
+  sources = {**inputs.sources, "qrels": ", ".join(dataset.qrels) if dataset.qrels else None}
   own = report_lib.build_report(settings, outputs[0], sources=sources, extra=extra)
   report = report_lib.merge_reports(distributed.allgather_json(own))
   if qrels is not None:

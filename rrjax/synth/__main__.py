@@ -41,7 +41,8 @@ def make_teacher(args, out: Path, tokenizer):
                           timeout_s=args.timeout_s, temperature=args.temperature, max_tokens=args.max_tokens,
                           cache_dir=args.cache_dir or str(out / "cache"))
     client = ChatClient(config)
-    return ChatTeacher(client, tokenizer, args.max_passage_tokens, require_reasoning=not args.allow_no_reasoning), client
+    teacher = ChatTeacher(client, tokenizer, args.max_passage_tokens, require_reasoning=not args.allow_no_reasoning)
+    return teacher, client
   if not args.checkpoint:
     raise ValueError("--teacher local needs --checkpoint")
   from rrjax.checkpoints import from_pretrained
@@ -113,6 +114,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(json.dumps({k: report[k] for k in report if k in ("labelled", "heldout_ndcg10", "teacher_stats")}
                    | {s: report[s]["labelled"] for s in task_lib.SPLITS if s in report}))
   return 0
+
+
+def console() -> None:
+  """The `rrjax-synth` console script (errors are prefixed with the script's name)."""
+  cli.run(main)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The embedded synthetic reasoning-intensive ranking task, its lexical first stage, and TREC writers.
+"""The embedded synthetic reasoning-intensive ranking task, its lexical (BM25) first stage, and TREC writers.
 
 A query states a numeric condition, each passage states a fact, and relevance is a comparison:
 
@@ -14,15 +14,15 @@ the task exactly. Values are single digits (one Qwen2.5 token each) and passages
 a 2-layer model can learn the comparison table (2 ops x 10 x 10) on a CPU.
 
 Every query has its own candidate pool (its passages), so the "retrieval" run is the lexical scorer's
-order of that pool: `tfidf_scores` (numpy TF-IDF, idf over the split's corpus; ties broken by a seeded
-shuffle so the run has distinct scores and trec_eval's docid tie-break never decides).
+order of that pool: BM25 with the bm25s library (rrjax.data.bm25, the index over the split's corpus, single
+characters kept as tokens so that digits count; ties broken by a seeded shuffle so the run has distinct
+scores and trec_eval's docid tie-break never decides).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -141,43 +141,25 @@ def generate(config: TaskConfig = TaskConfig()) -> SyntheticTask:
 
 # ---------------------------------------------------------------- lexical first stage
 
-_TOKEN = re.compile(r"[a-z]+|\d+")
-
-
-def lexical_tokens(text: str) -> list[str]:
-  """Lowercased words and digit runs; no stemming (so "items" != "item", as in a plain BM25 index)."""
-  return _TOKEN.findall(text.lower())
-
-
-def tfidf_scores(query: str, passages: Sequence[str], idf: Mapping[str, float]) -> np.ndarray:
-  """sum over query terms of tf(term, passage) * idf(term), one float per passage."""
-  terms = lexical_tokens(query)
-  weights = np.array([idf.get(t, 0.0) for t in terms], np.float64)
-  tf = np.array([[toks.count(t) for t in terms] for toks in map(lexical_tokens, passages)], np.float64)
-  return tf.reshape(len(passages), len(terms)) @ weights
-
-
-def inverse_document_frequency(passages: Sequence[str]) -> dict[str, float]:
-  """Smoothed idf log((N + 1) / (df + 1)) + 1 over a corpus."""
-  df: dict[str, int] = {}
-  for p in passages:
-    for t in set(lexical_tokens(p)):
-      df[t] = df.get(t, 0) + 1
-  n = len(passages)
-  return {t: math.log((n + 1) / (c + 1)) + 1.0 for t, c in df.items()}
+TOKENS = r"(?u)\b\w+\b"  # words and single digits (bm25s's default drops one-character tokens); no stemming
 
 
 def first_stage_run(queries: Sequence[SyntheticQuery], seed: int = 0) -> dict[str, dict[str, float]]:
-  """{qid: {docid: score}} from TF-IDF over each query's pool; distinct scores, seeded tie-breaks."""
-  idf = inverse_document_frequency([p for q in queries for p in q.passages])
+  """{qid: {docid: score}}: BM25 (bm25s, indexed over the queries' passages) of each query's own pool;
+  distinct scores, seeded tie-breaks."""
+  from rrjax.data.bm25 import BM25Config, Index
+
+  docs = [(d, p) for q in queries for d, p in zip(q.docids, q.passages)]
+  index = Index.build(docs, BM25Config(token_pattern=TOKENS))
+  row = {d: i for i, (d, _) in enumerate(docs)}
   rng = np.random.default_rng(seed + 7919)
   run = {}
   for q in queries:
-    scores = tfidf_scores(q.text, q.passages, idf)
+    scores = index.scores(q.text)[[row[d] for d in q.docids]].astype(np.float64)
     tiebreak = rng.permutation(len(q.passages))  # rank within ties, 0 = first
     order = sorted(range(len(q.passages)), key=lambda j: (-scores[j], tiebreak[j]))
     n = len(order)
-    # Scores are strictly decreasing in rank; the lexical score stays readable in the integer part.
+    # Scores are strictly decreasing in rank; the BM25 score stays readable in the integer part.
     run[q.qid] = {q.docids[j]: float(round(scores[j], 6)) + (n - r) / (n + 1) * 1e-3 for r, j in enumerate(order)}
   return run
 
@@ -221,7 +203,7 @@ def write_split(task: SyntheticTask, split: str, out_dir) -> dict[str, str]:
   write_corpus(paths["corpus"], corpus(qs))
   trec.write_topics(paths["queries"], topics(qs))
   trec.write_qrels(paths["qrels"], qrels(qs))
-  trec.write_run(paths["run"], first_stage_run(qs, task.config.seed), tag="tfidf")
+  trec.write_run(paths["run"], first_stage_run(qs, task.config.seed), tag="bm25")
   return paths
 
 
