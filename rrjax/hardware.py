@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import os
 import time
 
 import jax
@@ -42,6 +43,33 @@ def platform() -> str:
   """The platform programs are being built for: `target_platform`'s, else JAX's default backend."""
   name = _TARGET.get() or jax.default_backend()
   return "gpu" if name in ("cuda", "rocm") else name
+
+
+def host_available_bytes() -> int:
+  """Memory the host can still give: /proc/meminfo's MemAvailable (page cache counts as free), else the
+  free physical pages."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def device_memory_limit(devices) -> int | None:
+  """The smallest `bytes_limit` among `devices`, or None where a device reports none (CPU)."""
+  limits = []
+  for d in devices:
+    try:
+      stats = d.memory_stats()
+    except Exception:  # some backends raise instead of returning None
+      stats = None
+    if not stats or "bytes_limit" not in stats:
+      return None
+    limits.append(int(stats["bytes_limit"]))
+  return min(limits) if limits else None
 
 
 def default_dtype(platform_name: str | None = None) -> str:

@@ -6,6 +6,7 @@ import torch
 
 import hf_reference
 from rrjax import decode, sharding
+from rrjax.engine import memory as engine_memory
 from rrjax.model.qwen2 import Qwen2Config
 
 TOL = 1e-4
@@ -171,7 +172,10 @@ def test_sharded_matches_single_device(models):
   whole = decode.estimate_memory(model, 8, 64, 32)
   split = decode.estimate_memory(sharded, 8, 64, 32, mesh=mesh)
   kv = 2 * CONFIG.num_layers * 8 * 96 * CONFIG.num_kv_heads * CONFIG.head_dim * 4
-  assert whole.kv_cache == kv + 8 * 96 * 4 and split.kv_cache == kv // 8 + 8 * 96 * 4 // 4
+  # Besides keys/values, each slot keeps a few int32 words (length, next token, budgets, ...) and its stop ids,
+  # replicated (the engine's slots need no per-position segment ids: right padding and lengths mask).
+  slot_state = 8 * (engine_memory.SLOT_STATE_INTS + 8) * 4
+  assert whole.kv_cache == kv + slot_state and split.kv_cache == kv // 8 + slot_state
   assert split.weights < whole.weights
 
 

@@ -22,16 +22,35 @@ class ModelBackend:
     self.model, self.tokenizer, self.settings, self.mesh = model, tokenizer, settings, mesh
     self.generate_seconds = 0.0
     self.calls = 0
+    self.engine: dict = {}  # the engine's shapes, budget and counters over all calls (see engine_summary)
 
   def _generate(self, ids, **kw) -> decode.Generation:
     s = self.settings
     kw = {"temperature": s.temperature, "top_p": s.top_p, "stop_ids": self.tokenizer.stop_ids, **kw}
     t0 = time.perf_counter()
-    # A new seed per call, so sampled rounds do not replay one random stream.
-    gen = decode.generate(self.model, ids, seed=s.seed + self.calls, mesh=self.mesh, batch_size=s.batch_size, **kw)
+    # A new seed per call, so sampled rounds do not replay one random stream. Without a batch size, the slots
+    # and prefill group are the most the memory budget holds.
+    gen = decode.generate(self.model, ids, seed=s.seed + self.calls, mesh=self.mesh,
+                          batch_size=s.batch_size or "auto", **kw)
     self.generate_seconds += time.perf_counter() - t0
     self.calls += 1
+    self._account(gen.engine or {})
     return gen
+
+  def _account(self, report: dict) -> None:
+    """Counters add up; shapes and estimates keep their largest value, the budget its smallest."""
+    e = self.engine
+    for key, value in report.items():
+      if value is None:
+        continue
+      if key == "budget_bytes":
+        e[key] = min(e.get(key, value), value)
+      elif key in ("slots", "prefill_group", "prefill_chunk", "slot_length", "estimate_bytes"):
+        e[key] = max(e.get(key, value), value)
+      elif key != "occupancy":
+        e[key] = e.get(key, 0) + value
+    if e.get("slot_steps"):
+      e["occupancy"] = e["live_slot_steps"] / e["slot_steps"]
 
   def _answer_budget(self, n: int) -> int:
     """Upstream's rank_GPT (plain) budget: exactly the tokens of `[1] > [2] > ... > [n]`."""

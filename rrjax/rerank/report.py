@@ -53,7 +53,7 @@ def build_report(settings: RerankSettings, out: RerankOutput, *, sources: Mappin
             "queries_per_second": n / out.wall_seconds if out.wall_seconds else None,
             "parsers" if settings.mode != "pointwise" else "sources": dict(parsers)}
   report = {"settings": dataclasses.asdict(settings), **(extra or {}), "inputs": dict(sources or {}),
-            "totals": totals}
+            "totals": totals, "engine": dict(out.engine)}
   if metrics is not None:
     report["metrics"] = dict(metrics)
   report["queries"] = per_query
@@ -64,7 +64,8 @@ def merge_reports(reports: Sequence[dict]) -> dict:
   """One report from the per-process reports of a multi-host run (a single report is returned as is)."""
   if len(reports) == 1:
     return reports[0]
-  merged = {**reports[0], "queries": {q: e for r in reports for q, e in r["queries"].items()}}
+  merged = {**reports[0], "queries": {q: e for r in reports for q, e in r["queries"].items()},
+            "engine": {"per_process": [r.get("engine", {}) for r in reports]}}
   totals = dict(reports[0]["totals"])
   for key in ("queries", "windows", "prompts", "prompt_tokens", "generated_tokens"):
     if key in totals:

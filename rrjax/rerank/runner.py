@@ -18,6 +18,7 @@ class RerankOutput:
   ranked: list[loop.Ranked]
   wall_seconds: float
   generate_seconds: float
+  engine: dict = dataclasses.field(default_factory=dict)  # ModelBackend.engine: shapes, budget, counters
 
 
 def rerank(queries: Sequence[loop.Query], model, tokenizer, settings: RerankSettings = RerankSettings(), *,
@@ -44,5 +45,5 @@ def rerank(queries: Sequence[loop.Query], model, tokenizer, settings: RerankSett
       ranked = loop.rerank_listwise(queries, backend.complete, tokenizer, window=s.window, stride=s.stride,
                                     top_k=s.top_k, max_passage_tokens=s.max_passage_tokens,
                                     prompt_mode=s.prompt_mode, full_list=full, progress=bar.update)
-  return RerankOutput(ranked, time.perf_counter() - t0, backend.generate_seconds)
+  return RerankOutput(ranked, time.perf_counter() - t0, backend.generate_seconds, dict(backend.engine))
 
