@@ -123,10 +123,10 @@ def generate(model: Qwen2, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
   its tokens. Stop ids are banned until `min_new_tokens` tokens exist. `batch_size` is the number of decode
   slots (default: one per prompt), refilled with the next prompt as rows finish; `prefill_group` prompts
   (default: `batch_size`) are prefilled at a time. `batch_size="auto"` chooses both from the memory budget
-  (rrjax.engine.plan: as many slots as fit, then the largest prefill group beside them). With `mesh`, weights are placed per the model's
-  logical-axis rules and the slots are split over the data axes. Raises DecodeMemoryError when the
-  estimated per-device memory exceeds the device limit (on CPU, the host's available memory), or
-  `memory_limit_bytes`.
+  (rrjax.engine.plan: as many slots as fit, then the largest prefill group beside them). With `mesh`,
+  weights are placed per the model's logical-axis rules and the slots are split over the data axes.
+  Raises DecodeMemoryError when the estimated per-device memory exceeds the device limit (on CPU, the
+  host's available memory), or `memory_limit_bytes`.
   """
   config: Qwen2Config = model.config
   prompts = [list(map(int, p)) for p in prompts]

@@ -1,4 +1,4 @@
-"""Imports flow one way: model <- decode <- ranking <- rerank, and model <- train; no cycles between rrjax's
+"""Imports flow one way: model <- engine <- decode <- ranking <- rerank, and model <- train; no cycles between rrjax's
 top-level modules and subpackages, counting imports inside functions (read from the source, not run)."""
 
 import ast
@@ -97,8 +97,8 @@ def test_the_package_uses_its_modules_not_its_facade():
 
 
 @pytest.mark.parametrize("lower, upper", [
-    ("rrjax.model", "rrjax.decode"), ("rrjax.decode", "rrjax.ranking"), ("rrjax.ranking", "rrjax.rerank"),
-    ("rrjax.model", "rrjax.train")])
+    ("rrjax.model", "rrjax.engine"), ("rrjax.engine", "rrjax.decode"), ("rrjax.decode", "rrjax.ranking"),
+    ("rrjax.ranking", "rrjax.rerank"), ("rrjax.model", "rrjax.train")])
 def test_layers(graph, lower, upper):
   assert lower in _reach(graph, upper), f"{upper} is expected to build on {lower}"
   assert upper not in _reach(graph, lower), f"{lower} must not import {upper} (even indirectly)"
@@ -107,12 +107,12 @@ def test_layers(graph, lower, upper):
 def test_model_knows_nothing_of_ranking_data_training(graph):
   reached = _reach(graph, "rrjax.model")
   for name in ("rrjax.ranking", "rrjax.data", "rrjax.train", "rrjax.rerank", "rrjax.synth", "rrjax.decode",
-               "rrjax.checkpoints", "rrjax.demo"):
+               "rrjax.engine", "rrjax.checkpoints", "rrjax.demo"):
     assert name not in reached, f"rrjax.model reaches {name}"
 
 
 def test_reranking_needs_no_training_stack(graph):
-  for start in ("rrjax.rerank", "rrjax.ranking", "rrjax.decode", "rrjax.checkpoints", "rrjax.eval"):
+  for start in ("rrjax.rerank", "rrjax.ranking", "rrjax.decode", "rrjax.engine", "rrjax.checkpoints", "rrjax.eval"):
     assert "rrjax.train" not in _reach(graph, start) | {start}, f"{start} reaches rrjax.train"
 
 

@@ -97,6 +97,26 @@ def test_cli_listwise_subprocess(tiny_dir, dl19, tmp_path):
   assert "windows" in proc.stderr  # the tqdm bar
 
 
+def test_cli_default_concurrency_stays_within_its_memory_budget(tiny_dir, dl19, tmp_path):
+  """The documented command (bundled DL19, top-100, windows 20/10, 100-token passages, default concurrency)
+  with a small new-token budget: the engine chooses its slots and prefill groups from the budget (the
+  host's available memory on CPU), and the process's peak RSS stays below that budget."""
+  out = tmp_path / "dl19.trec"
+  cmd = [sys.executable, "-m", "rrjax.rerank", "--model", tiny_dir, "--corpus", dl19["rankgpt"],
+         "--max-passage-tokens", "100", "--max-new-tokens", "4", "--max-queries", "4", "--out", str(out),
+         "--no-progress"]
+  with open(tmp_path / "stderr", "w") as err:
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+    _, status, usage = os.wait4(proc.pid, 0)
+  assert os.waitstatus_to_exitcode(status) == 0, (tmp_path / "stderr").read_text()[-3000:]
+  report = json.loads(out.with_suffix(".json").read_text())
+  assert report["totals"]["windows"] == 4 * 9
+  engine = report["engine"]
+  assert engine["slots"] >= 4 and engine["prefill_group"] >= 1 and engine["prefill_calls"] >= 9
+  assert engine["estimate_bytes"] <= engine["budget_bytes"]
+  assert usage.ru_maxrss * 1024 < engine["budget_bytes"], (usage.ru_maxrss, engine)
+
+
 @pytest.mark.parametrize("mode", ["pointwise", "full"])
 def test_cli_other_modes(mode, tiny_dir, dl19, tmp_path):
   out = tmp_path / f"{mode}.trec"

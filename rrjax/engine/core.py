@@ -188,12 +188,13 @@ class Engine:
   def __init__(self, model, *, slots: int, max_length: int, mesh: Mesh | None = None,
                sampling: Sampling = Sampling(), steps_per_call: int = 64, prefill_group: int | None = None,
                prefill_chunk: int | None = None, buckets: Buckets = Buckets(), cache_dtype: str | None = None,
-               return_logits: bool = False, stop_slots: int = 8, leave_early: bool | None = None):
+               return_logits: bool = False, stop_slots: int = 8, leave_early: bool | None = None,
+               cache_layout: str | None = None):
     c = model.config
     self.config, self.mesh, self.buckets = c, mesh, buckets
     self.cache_dtype = str(jnp.dtype(cache_dtype or default_cache_dtype(c)))
     kernel = decode_kernel(c, self.cache_dtype, mesh)
-    self.slots, self.length = slots, slot_length(max_length, kernel)
+    self.slots, self.length = slots, slot_length(max_length, "ragged" if cache_layout == "paged" else kernel)
     self.prefill_group = prefill_group or slots
     self.prefill_chunk = prefill_chunk
     self.leave_early = leave_early
@@ -204,7 +205,7 @@ class Engine:
       params = jax.device_put(params, sharding_lib.state_shardings(state, mesh))
     self.params = params
     self.spec = Spec(graphdef, c, mesh, slots, self.length, self.cache_dtype, kernel, sampling.static_key(),
-                     stop_slots, steps_per_call, return_logits)
+                     stop_slots, steps_per_call, return_logits, cache_layout)
     self.programs = Programs(self.spec)
     self.cache = programs_lib.zeros_cache(self.spec)
     self.state = programs_lib.zeros_state(self.spec)

@@ -106,10 +106,11 @@ class Spec:
   stop_slots: int = 8
   steps: int = 64
   return_logits: bool = False
+  cache_layout: str | None = None  # default: the kernel's (attention.slot_layout)
 
   @property
   def layout(self) -> str:
-    return attention_lib.slot_layout(self.kernel)
+    return self.cache_layout or attention_lib.slot_layout(self.kernel)
 
 
 # ---------------------------------------------------------------- shardings

@@ -142,13 +142,22 @@ def _splash_kernel(num_heads: int, q_len: int, kv_len: int, interpret: bool):
 
 
 def _attend_splash(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: Mask):
+  T = q_BxTxNxH.shape[1]
+  if T % 128:
+    raise ValueError(f"splash attention needs a sequence length divisible by 128, got {T}; "
+                     "pad the batch or use attention='xla'")
+  segments = (mask.q_segment_BxT, mask.kv_segment_BxS)
+  return _per_device(_splash_local, (q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segments),
+                     (("batch", None, "q_heads", None), ("batch", None, "kv_heads", None),
+                      ("batch", None, "kv_heads", None), (("batch", None), ("batch", None))),
+                     ("batch", None, "q_heads", None))
+
+
+def _splash_local(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segments):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 
   B, T, N, H = q_BxTxNxH.shape
   K = k_BxSxKxH.shape[2]
-  if T % 128:
-    raise ValueError(f"splash attention needs a sequence length divisible by 128, got {T}; "
-                     "pad the batch or use attention='xla'")
   # Off TPU the Pallas kernel runs in interpret mode, which is how it is tested on CPU; a program built for
   # TPU ahead of time (hardware.target_platform) gets the real kernel, so that Mosaic lowers it.
   kernel = _splash_kernel(N, T, k_BxSxKxH.shape[1], hardware.platform() != "tpu")
@@ -156,9 +165,30 @@ def _attend_splash(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: Mask):
   k_BxNxSxH = jnp.repeat(k_BxSxKxH, N // K, axis=2).transpose(0, 2, 1, 3)
   v_BxNxSxH = jnp.repeat(v_BxSxKxH, N // K, axis=2).transpose(0, 2, 1, 3)
   # Padding (segment 0) only ever sees padding, so its rows are finite and ignored downstream.
-  segments = splash.SegmentIds(q=mask.q_segment_BxT, kv=mask.kv_segment_BxS)
-  out_BxNxTxH = jax.vmap(kernel)(q_BxNxTxH, k_BxNxSxH, v_BxNxSxH, segment_ids=segments)
+  out_BxNxTxH = jax.vmap(kernel)(q_BxNxTxH, k_BxNxSxH, v_BxNxSxH, segment_ids=splash.SegmentIds(*segments))
   return out_BxNxTxH.transpose(0, 2, 1, 3).astype(q_BxTxNxH.dtype)
+
+
+def _per_device(fn, args, arg_axes, out_axes):
+  """fn(*args) on each device's shard where a mesh is active (Pallas kernels cannot be partitioned by XLA):
+  the logical axes of each argument map to mesh axes; q and kv heads shard only together (whole groups)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return fn(*args)
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  q, k = args[0], args[1]
+  tensor = sizes.get("tensor", 1)
+  heads_split = tensor > 1 and q.shape[2] % tensor == 0 and k.shape[2] % tensor == 0
+  batch = sharding_lib.logical_spec(("batch",), (q.shape[0],), sizes)[0]
+  P = jax.sharding.PartitionSpec
+
+  def spec(axes):
+    return P(*(batch if a == "batch" else ("tensor" if heads_split else None) if a in ("q_heads", "kv_heads")
+               else None for a in axes))
+
+  specs = jax.tree.map(spec, arg_axes, is_leaf=lambda x: isinstance(x, tuple) and all(
+      isinstance(a, (str, type(None))) for a in x))
+  return jax.shard_map(fn, in_specs=specs, out_specs=spec(out_axes), check_vma=False)(*args)
 
 
 # ---------------------------------------------------------------- decode slots (right-padded caches)
