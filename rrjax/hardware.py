@@ -100,6 +100,20 @@ def host_bandwidth(megabytes: int = 512, repeats: int = 3) -> float:
   return 2 * src.nbytes / best
 
 
+def device_copy_bandwidth(megabytes: int = 2048, repeats: int = 5) -> float:
+  """Bytes/s (read + write) of a jitted copy of a large array on the default device, best of `repeats`:
+  what the memory really delivers, the decode roofline's limit."""
+  x = jnp.zeros((megabytes * 2**20 // 4,), jnp.float32)
+  copy = jax.jit(lambda a: a + 1.0)
+  copy(x).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    copy(x).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * x.nbytes / best
+
+
 def peak_bandwidth() -> tuple[float, str]:
   return _published(PEAK_BANDWIDTH) or (host_bandwidth(), "measured host copy (numpy, 512 MiB)")
 

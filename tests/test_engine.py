@@ -241,3 +241,24 @@ def test_memory_plan_fits_the_budget_and_bounds_the_programs(model):
     engine.plan(big, length=P + N, prompt_len=P, memory_limit_bytes=2 * 2**20, what="prompt 3 (2000 tokens, 32 new)")
   with pytest.raises(ValueError, match=r"request 4: 90 prompt \+ 10 new tokens exceed the slot length 96"):
     engine.Engine(model, slots=1, max_length=LENGTH).submit(engine.Request([1] * 90, 10, id=4))
+
+
+@pytest.mark.skipif(__import__("jax").default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+def test_cudnn_slot_attention_matches_xla_on_gpu():
+  """Decode through cuDNN with key/value lengths (no mask) against XLA's length mask, bf16, on a GPU."""
+  from flax import nnx
+
+  from rrjax.model.qwen2 import Qwen2
+
+  config = CONFIG.replace(head_dim=64, dtype="bfloat16", param_dtype="float32")
+  reqs = [engine.Request(p, n, id=i) for i, (p, n) in enumerate(zip(PROMPTS, BUDGETS))]
+  out = {}
+  for kernel in ("cudnn", "xla"):
+    model = Qwen2(config.replace(attention=kernel), rngs=nnx.Rngs(0))
+    eng = engine.Engine(model, slots=4, max_length=LENGTH, return_logits=True)
+    assert eng.spec.kernel == kernel
+    out[kernel] = eng.run(reqs)
+  for a, b in zip(out["cudnn"], out["xla"]):
+    n = next((i for i, (x, y) in enumerate(zip(a.tokens, b.tokens)) if x != y), len(a.tokens))
+    assert n >= min(4, len(a.tokens))  # bf16 rounding may flip a near-tie later on
+    np.testing.assert_allclose(a.logits[:n], b.logits[:n], atol=0.1)

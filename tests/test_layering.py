@@ -121,3 +121,66 @@ def test_imports_are_read_from_function_bodies_and_relative_forms():
   got = _imports_of(src, "rrjax.model.qwen2", is_package=False)
   assert {"rrjax.train.loop", "rrjax.model.hf", "rrjax.data.trec"} <= got and "os" not in got
   assert {_unit(m) for m in got} == {"rrjax.train", "rrjax.model", "rrjax.data"}
+
+
+GPU_BENCH_ENTRY_POINTS = ("rrjax.engine", "rrjax.decode", "rrjax.rerank", "rrjax.bench.engine", "rrjax.bench.slots",
+                          "rrjax.bench.fidelity", "rrjax.bench.forward", "rrjax.bench.decode", "rrjax.bench.rerank")
+
+
+def _module_path(module: str) -> pathlib.Path | None:
+  rel = pathlib.Path(*module.split("."))
+  for path in ((PACKAGE.parent / rel).with_suffix(".py"), PACKAGE.parent / rel / "__init__.py"):
+    if path.exists():
+      return path
+  return None
+
+
+def _all_imports(path: pathlib.Path) -> set[str]:
+  module = _module_name(path)
+  package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+  out = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      out.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ""
+      if node.level:
+        anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+        base = ".".join(anchor + ([base] if base else []))
+      out.add(base)
+      out.update(f"{base}.{alias.name}" for alias in node.names)
+  return out
+
+
+def test_gpu_bench_path_needs_neither_grain_nor_tfds():
+  """The GPU image (jax 0.11) has no grain or tensorflow_datasets: the modules scripts/gpu_bench.sh runs must
+  import without them, and nothing they reach imports them even inside a function (module-level graph, read
+  from the source), except rrjax.checkpoints when it saves or restores a training data iterator."""
+  import os
+  import subprocess
+  import sys
+
+  blocked = "import sys; sys.modules['grain'] = sys.modules['tensorflow_datasets'] = None; "
+  code = blocked + "; ".join(f"import {m}" for m in GPU_BENCH_ENTRY_POINTS)
+  env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent), "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  seen, todo = set(), list(GPU_BENCH_ENTRY_POINTS)
+  while todo:
+    module = todo.pop()
+    path = _module_path(module)
+    if module in seen or path is None:
+      continue
+    seen.add(module)
+    parts = module.split(".")
+    parents = [".".join(parts[:i]) for i in range(2, len(parts))]  # importing a.b.c runs a.b's __init__
+    for name in _all_imports(path) | set(parents):
+      if name.startswith("rrjax"):
+        todo.append(name)
+  assert "rrjax.engine.core" in seen and "rrjax.rerank.cli" in seen
+  found = {}
+  for module in seen:
+    names = {n.split(".")[0] for n in _all_imports(_module_path(module))}
+    found.update({module: sorted(names & {"grain", "tensorflow_datasets"})} if names & {"grain", "tensorflow_datasets"}
+                 else {})
+  assert set(found) <= {"rrjax.checkpoints"}, found

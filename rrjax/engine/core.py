@@ -410,15 +410,15 @@ class Engine:
   # ---------------------------------------------------------------- ahead-of-time warm-up
 
   def warmup(self, prompt_lengths: Sequence[int] = (), copies: int = 1) -> int:
-    """Compiles the decode program, and the prefill and insert programs of the prompt buckets that
-    `prompt_lengths` fall in, before any request runs; returns how many programs were compiled."""
+    """Compiles, ahead of time, the decode program and the prefill and insert programs of every prefill
+    group size for the prompt buckets that `prompt_lengths` fall in (with `copies` slots per prompt), so
+    that no request waits for a compile; returns how many programs were compiled."""
     before = programs_lib.compilation_count()
     self.programs.decode(self.params)
-    G = self.buckets.batch(self.prefill_group, self.multiple)
     C = programs_lib.bucket(copies, 1)
     for P in sorted({min(self.buckets.prompt(n), self.length) for n in prompt_lengths}):
       chunk = self.prefill_chunk if self.prefill_chunk and self.prefill_chunk < P else None
-      self.programs.prefill(self.params, G, P, C, chunk)
-    if prompt_lengths:
-      self.programs.insert(G, G * C)
+      for G in _descending(self.buckets, self.prefill_group, self.multiple):
+        self.programs.prefill(self.params, G, P, C, chunk)
+        self.programs.insert(G, G * C)
     return programs_lib.compilation_count() - before
