@@ -48,7 +48,7 @@ class Request:
   seed: int = 0
   id: int = 0
   copies: int = 1
-  priority: float = 0.0
+  priority: Any = 0.0  # any comparable (numbers, tuples of numbers), the same kind across an engine's requests
   tag: Any = None
 
 

@@ -95,6 +95,26 @@ def budget(mesh: Mesh | None = None, *, weights: int = 0) -> int:
   return int(hardware.host_available_bytes() * HOST_FRACTION) // local + weights
 
 
+WEIGHT_SHARE = 0.6  # of a device's memory the weights may take, the rest left for the slot cache
+
+
+def inference_mesh(config: Qwen2Config, devices, param_dtype: str,
+                   memory_limit_bytes: int | None = None) -> sharding_lib.MeshConfig:
+  """The default inference mesh over `devices`: one replica per device (data parallel) when the weights fit
+  one device beside a cache, else tensor parallelism over the fewest devices that hold them (preferring
+  sizes that divide the heads), the rest replicas."""
+  n = len(devices)
+  limit = (memory_limit_bytes or hardware.device_memory_limit(devices)
+           or int(hardware.host_available_bytes() * HOST_FRACTION) // n)
+  weights = config.param_count() * jnp.dtype(param_dtype).itemsize
+  sizes = [t for t in range(1, n + 1) if n % t == 0]
+  even = [t for t in sizes if config.num_kv_heads % t == 0 and config.num_heads % t == 0]
+  for t in even + [t for t in sizes if t not in even]:
+    if weights / t <= WEIGHT_SHARE * limit:
+      return sharding_lib.MeshConfig(data=n // t, fsdp=1, tensor=t)
+  return sharding_lib.MeshConfig(data=1, fsdp=1, tensor=n)
+
+
 def fused_prefill(config: Qwen2Config) -> bool:
   """Whether prefill attention runs in a tiled kernel (splash, cuDNN) rather than materialising scores."""
   return config.attention in ("cudnn", "splash") or (config.attention == "auto" and hardware.platform() != "cpu")
