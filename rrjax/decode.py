@@ -113,7 +113,7 @@ def generate(model: Qwen2, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
              min_new_tokens: int | Sequence[int] = 0, seed: int = 0, stop_ids: Sequence[int] | None = None,
              mesh: Mesh | None = None, batch_size: int | str | None = None, buckets: Buckets = Buckets(),
              cache_dtype: str | None = None, memory_limit_bytes: int | None = None, return_logits: bool = False,
-             prefill_group: int | None = None) -> Generation:
+             prefill_group: int | None = None, num_samples: int = 1) -> Generation:
   """Generates up to `max_new_tokens` ids after each prompt (token-id lists of any lengths).
 
   `max_new_tokens` and `min_new_tokens` are one int or one per prompt. temperature 0 is greedy; otherwise
@@ -126,14 +126,19 @@ def generate(model: Qwen2, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
   (rrjax.engine.plan: as many slots as fit, then the largest prefill group beside them). With `mesh`,
   weights are placed per the model's logical-axis rules and the slots are split over the data axes.
   Raises DecodeMemoryError when the estimated per-device memory exceeds the device limit (on CPU, the
-  host's available memory), or `memory_limit_bytes`.
+  host's available memory), or `memory_limit_bytes`. `num_samples` = G continuations of each prompt come
+  from one prefill inserted into G slots (GRPO's rollouts): the rows are prompt-major (prompt i's samples are
+  rows i*G .. i*G+G-1) and equal, stream for stream, those of the list with each prompt repeated G times.
   """
   config: Qwen2Config = model.config
   prompts = [list(map(int, p)) for p in prompts]
-  n = len(prompts)
+  if num_samples < 1:
+    raise ValueError(f"num_samples={num_samples} must be >= 1")
+  G = num_samples
+  n = len(prompts) * G  # output rows
   settings = sampling.Sampling(float(temperature), int(top_k), float(top_p))
-  max_new = _per_prompt(max_new_tokens, n, "max_new_tokens")
-  min_new = _per_prompt(min_new_tokens, n, "min_new_tokens")
+  max_new = _per_prompt(max_new_tokens, len(prompts), "max_new_tokens")
+  min_new = _per_prompt(min_new_tokens, len(prompts), "min_new_tokens")
   for i, p in enumerate(prompts):
     if not p:
       raise ValueError(f"prompt {i} is empty")
@@ -144,7 +149,7 @@ def generate(model: Qwen2, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     stop_ids = tokenizer_lib.load().stop_ids
   stop_ids = tuple(sorted({int(s) for s in stop_ids}))
   cache_dtype = str(jnp.dtype(cache_dtype or default_cache_dtype(config)))
-  if not prompts or max(max_new) == 0:
+  if not prompts or max(max_new) == 0:  # (n rows of nothing)
     return Generation([[] for _ in range(n)], [[] for _ in range(n)], [0] * n, ["length"] * n,
                       [np.zeros((0, config.vocab_size), np.float32) for _ in range(n)] if return_logits else None)
 
@@ -152,25 +157,26 @@ def generate(model: Qwen2, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
   P = buckets.prompt(max(len(p) for p in prompts))
   N = buckets.new_tokens(max(max_new))
   if batch_size == "auto":
-    longest = max(range(n), key=lambda i: len(prompts[i]) + max_new[i])
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]) + max_new[i])
     chosen = core.plan(model, length=P + N, prompt_len=P, num_slots=n, mesh=mesh, prefill_group=prefill_group,
                        cache_dtype=cache_dtype, steps=_steps(N), return_logits=return_logits, buckets=buckets,
                        memory_limit_bytes=memory_limit_bytes,
                        what=f"prompt {longest} ({len(prompts[longest])} tokens, {max_new[longest]} new)")
-    B, G, chunk, est = chosen.slots, chosen.prefill_group, chosen.chunk, chosen.estimate
+    B, group, chunk, est = chosen.slots, chosen.prefill_group, chosen.chunk, chosen.estimate
   else:
     B = buckets.batch(min(batch_size or n, n), multiple)
-    G = min(buckets.batch(prefill_group, multiple), B) if prefill_group else B
-    chunk, est = _check_memory(model, B, G, P, N, cache_dtype, mesh, memory_limit_bytes, multiple, return_logits)
+    group = min(buckets.batch(prefill_group, multiple), B) if prefill_group else B
+    chunk, est = _check_memory(model, B, group, P, N, cache_dtype, mesh, memory_limit_bytes, multiple,
+                               return_logits)
   engine = core.Engine(model, slots=B, max_length=P + N, mesh=mesh, sampling=settings, steps_per_call=_steps(N),
-                       prefill_group=G, prefill_chunk=chunk, buckets=buckets, cache_dtype=cache_dtype,
+                       prefill_group=group, prefill_chunk=chunk, buckets=buckets, cache_dtype=cache_dtype,
                        return_logits=return_logits, stop_slots=max(8, bucket(len(stop_ids), 8)))
   # Longest first: prompts of similar length share a prefill, and the longest rows do not start last.
-  requests = [core.Request(p, max_new[i], min_new[i], stop_ids, settings.temperature, settings.top_p, seed, id=i,
-                           priority=-len(p)) for i, p in enumerate(prompts)]
+  requests = [core.Request(p, max_new[i], min_new[i], stop_ids, settings.temperature, settings.top_p, seed, id=i * G,
+                           copies=G, priority=-len(p)) for i, p in enumerate(prompts)]
   results = engine.run(requests)
   engine.release()
-  report = {"slots": B, "prefill_group": G, "prefill_chunk": chunk, "slot_length": engine.length,
+  report = {"slots": B, "prefill_group": group, "prefill_chunk": chunk, "slot_length": engine.length,
             "budget_bytes": est.limit, "estimate_bytes": est.total, **engine.stats.as_dict()}
   return Generation(tokens=[r.tokens for r in results], logprobs=[r.logprobs for r in results],
                     lengths=[len(r.tokens) for r in results], finish_reasons=[r.finish_reason for r in results],

@@ -205,3 +205,16 @@ def test_input_validation(models):
   with pytest.raises(ValueError, match="top_p"):
     decode.generate(model, [[1]], max_new_tokens=2, temperature=1.0, top_p=0.0)
   assert decode.generate(model, [[1]], max_new_tokens=0, stop_ids=NO_STOP).tokens == [[]]
+
+
+def test_samples_of_one_prefill_equal_repeated_prompts(models):
+  """num_samples=G: one prefill per prompt into G slots, the same streams as the prompt list repeated G times."""
+  _, model = models
+  kw = dict(max_new_tokens=10, stop_ids=[7], temperature=1.0, top_k=20, seed=9)
+  shared = decode.generate(model, PROMPTS[:3], num_samples=4, batch_size=8, **kw)
+  repeated = decode.generate(model, [p for p in PROMPTS[:3] for _ in range(4)], batch_size=8, **kw)
+  assert shared.tokens == repeated.tokens and shared.finish_reasons == repeated.finish_reasons
+  assert shared.engine["prefill_rows"] < repeated.engine["prefill_rows"] == 12
+  assert len({tuple(t) for t in shared.tokens[:4]}) > 1  # the samples of one prompt differ
+  per_prompt = decode.generate(model, PROMPTS[:2], max_new_tokens=[3, 9], stop_ids=NO_STOP)
+  assert per_prompt.lengths == [3, 9]
