@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -307,6 +308,32 @@ def test_default_mesh_replicates_small_models_and_splits_large_ones():
   assert memory.inference_mesh(Qwen2Config.qwen2_5_7b(), devices, "bfloat16", 16 * gb) == MeshConfig(4, 1, 2)
   # 32B (65 GB) on 80 GB GPUs: 2 devices hold it beside a cache.
   assert memory.inference_mesh(Qwen2Config.qwen2_5_32b(), devices, "bfloat16", 80 * gb) == MeshConfig(4, 1, 2)
+
+
+def test_engine_schedules_agree_on_short_and_single_candidate_queries(inputs, tiny_dir, tok):
+  """On the model: a full query, one with fewer candidates than a window and one with a single candidate."""
+  from rrjax.checkpoints import from_pretrained
+
+  model = from_pretrained(tiny_dir)
+  queries = [inputs.queries[0], dataclasses.replace(inputs.queries[1], candidates=inputs.queries[1].candidates[:7]),
+             dataclasses.replace(inputs.queries[2], candidates=inputs.queries[2].candidates[:1])]
+  base = rr.RerankSettings(top_k=30, window=10, stride=5, max_passage_tokens=30, max_new_tokens=6)
+  out = {s: rr.rerank(queries, model, tok, dataclasses.replace(base, schedule=s)) for s in loop.SCHEDULES}
+  assert out["async"].ranked == out["lockstep"].ranked
+  assert [len(r.windows) for r in out["async"].ranked] == [5, 1, 1]
+  assert [len(r.candidates) for r in out["async"].ranked] == [30, 7, 1]
+
+
+def test_a_window_that_cannot_fit_at_one_slot_is_one_line_and_exit_2(tiny_dir, dl19, tmp_path):
+  out = tmp_path / "r.trec"
+  cmd = [sys.executable, "-m", "rrjax.rerank", "--model", tiny_dir, "--corpus", dl19["rankgpt"], "--out", str(out),
+         "--max-queries", "1", "--max-new-tokens", "2000000000", "--no-progress"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+  assert lines[0].startswith("rrjax.rerank: error: window ")
+  assert re.search(r"does not fit even at (1 slot|\d+ slots \(one per data shard\)):", lines[0])
+  assert "2000000000 new" in lines[0] and not out.exists() and not out.with_suffix(".json").exists()
 
 
 def _small_cli(tiny_dir, dl19, out, *extra):

@@ -167,10 +167,11 @@ def plan(model, *, length: int, prompt_len: int, num_slots: int | None = None, m
       if ok:
         return Plan(b, length, g, ch, est(b, g, ch))
   smallest = est(multiple, multiple, None)
+  at = "1 slot" if multiple == 1 else f"{multiple} slots (one per data shard)"
   raise memory.DecodeMemoryError(
       f"{what} ({prompt_len} prompt + {length - prompt_len} new-token positions, cache {cache_dtype}) does not fit "
-      f"even at {multiple} slot(s): needs {smallest.describe()}; use more devices (fsdp/tensor), a smaller "
-      "cache_dtype, or shorter prompts / fewer new tokens")
+      f"even at {at}: needs {smallest.describe()}; use more devices (fsdp/tensor), a smaller cache_dtype, or "
+      "shorter prompts / fewer new tokens")
 
 
 def _descending(buckets: Buckets, n: int, multiple: int) -> list[int]:
