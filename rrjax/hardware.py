@@ -100,18 +100,23 @@ def host_bandwidth(megabytes: int = 512, repeats: int = 3) -> float:
   return 2 * src.nbytes / best
 
 
+def _best_jitted_seconds(fn, x, repeats: int) -> float:
+  """Fastest of `repeats` calls of jit(fn)(x), after one that compiles."""
+  f = jax.jit(fn)
+  f(x).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(x).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return best
+
+
 def device_copy_bandwidth(megabytes: int = 2048, repeats: int = 5) -> float:
   """Bytes/s (read + write) of a jitted copy of a large array on the default device, best of `repeats`:
   what the memory really delivers, the decode roofline's limit."""
   x = jnp.zeros((megabytes * 2**20 // 4,), jnp.float32)
-  copy = jax.jit(lambda a: a + 1.0)
-  copy(x).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    copy(x).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * x.nbytes / best
+  return 2 * x.nbytes / _best_jitted_seconds(lambda a: a + 1.0, x, repeats)
 
 
 def peak_bandwidth() -> tuple[float, str]:
@@ -121,15 +126,7 @@ def peak_bandwidth() -> tuple[float, str]:
 @functools.lru_cache(maxsize=4)
 def matmul_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
   """FLOP/s of a jitted n x n matmul on the default device, best of `repeats`."""
-  a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda a: a @ a)
-  f(a).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n**3 / best
+  return 2 * n**3 / _best_jitted_seconds(lambda a: a @ a, jnp.ones((n, n), dtype), repeats)
 
 
 def peak_flops(dtype: str = "bfloat16") -> tuple[float, str]:

@@ -4,7 +4,6 @@ the paged (TPU) layout and kernel wiring; ahead-of-time TPU compiles; the memory
 
 import numpy as np
 import pytest
-import torch
 
 import hf_reference
 from rrjax import decode, engine, sharding
@@ -23,12 +22,7 @@ STOP = (79, 13)
 
 
 def _torch_model(config, seed=0):
-  ref = hf_reference.torch_model(config, seed)
-  with torch.no_grad():  # unit-variance weights: varied tokens, and the stop ids do occur
-    for name, p in ref.named_parameters():
-      if p.ndim == 2:
-        p.normal_(0.0, 1.0 if "embed" in name else p.shape[1] ** -0.5)
-  return ref
+  return hf_reference.varied_model(config, seed)
 
 
 @pytest.fixture(scope="module")

@@ -29,8 +29,9 @@ def _imports(path: pathlib.Path) -> set[str]:
   return _imports_of(path.read_text(), _module_name(path), path.name == "__init__.py")
 
 
-def _imports_of(source: str, module: str, is_package: bool) -> set[str]:
-  """Every rrjax module named by an import anywhere in `source` (function bodies included)."""
+def _imports_of(source: str, module: str, is_package: bool, rrjax_only: bool = True) -> set[str]:
+  """Every rrjax module (or with rrjax_only=False, every module) named by an import anywhere in `source`
+  (function bodies included)."""
   package = module if is_package else module.rpartition(".")[0]
   out = set()
   for node in ast.walk(ast.parse(source)):
@@ -43,7 +44,7 @@ def _imports_of(source: str, module: str, is_package: bool) -> set[str]:
         base = ".".join(anchor + ([base] if base else []))
       out.add(base)
       out.update(f"{base}.{alias.name}" for alias in node.names)  # `from rrjax import tokenizer`
-  return {m for m in out if m == "rrjax" or m.startswith("rrjax.")}
+  return {m for m in out if not rrjax_only or m == "rrjax" or m.startswith("rrjax.")}
 
 
 def _existing(module: str) -> bool:
@@ -136,20 +137,7 @@ def _module_path(module: str) -> pathlib.Path | None:
 
 
 def _all_imports(path: pathlib.Path) -> set[str]:
-  module = _module_name(path)
-  package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-  out = set()
-  for node in ast.walk(ast.parse(path.read_text())):
-    if isinstance(node, ast.Import):
-      out.update(alias.name for alias in node.names)
-    elif isinstance(node, ast.ImportFrom):
-      base = node.module or ""
-      if node.level:
-        anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
-        base = ".".join(anchor + ([base] if base else []))
-      out.add(base)
-      out.update(f"{base}.{alias.name}" for alias in node.names)
-  return out
+  return _imports_of(path.read_text(), _module_name(path), path.name == "__init__.py", rrjax_only=False)
 
 
 def test_gpu_bench_path_needs_neither_grain_nor_tfds():

@@ -81,10 +81,9 @@ def main(argv=None):
 
   import jax
   import jax.numpy as jnp
-  from flax import nnx
 
-  from rrjax import engine, hardware, sharding
-  from rrjax.model.qwen2 import Qwen2, Qwen2Config
+  from rrjax import engine, hardware
+  from rrjax.bench import random_model
 
   N, B, P = args.requests, args.slots, args.prompt_len
   if args.lengths_file:
@@ -93,11 +92,8 @@ def main(argv=None):
   else:
     lengths = scripted_lengths(N, args.max_new_tokens)
   C = max(lengths)
-  dtype = args.dtype or hardware.default_dtype()
-  overrides = {"num_layers": args.layers} if args.layers else {}
-  config = Qwen2Config.preset(args.preset, dtype=dtype, param_dtype=dtype, **overrides)
-  mesh = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
-  model = sharding.create_sharded(lambda: Qwen2(config, rngs=nnx.Rngs(0)), mesh)
+  config, model, mesh = random_model(args.preset, args.layers, args.dtype)
+  dtype = config.dtype
   rng = np.random.default_rng(0)
   prompts = rng.integers(0, min(config.vocab_size, 150_000), (N, P)).tolist()
   length = engine.bucket(P + C, 64)

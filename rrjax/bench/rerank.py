@@ -46,23 +46,18 @@ def main(argv=None) -> int:
 
   import jax
   import numpy as np
-  from flax import nnx
 
-  from rrjax import hardware, sharding
   from rrjax import rerank as rr
   from rrjax import tokenizer as tokenizer_lib
+  from rrjax.bench import random_model
   from rrjax.bench.engine import scripted_lengths
   from rrjax.data.inputs import load_inputs
-  from rrjax.model.qwen2 import Qwen2, Qwen2Config
 
   inputs = load_inputs(args.corpus, max_queries=args.queries)
   queries = inputs.queries
   n = len(queries)
-  dtype = args.dtype or hardware.default_dtype()
-  overrides = {"num_layers": args.layers} if args.layers else {}
-  config = Qwen2Config.preset(args.preset, dtype=dtype, param_dtype=dtype, **overrides)
-  mesh = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
-  model = sharding.create_sharded(lambda: Qwen2(config, rngs=nnx.Rngs(0)), mesh)
+  config, model, mesh = random_model(args.preset, args.layers, args.dtype)
+  dtype = config.dtype
   tok = tokenizer_lib.load()
   pool = scripted_lengths(4096, args.max_new_tokens)
 

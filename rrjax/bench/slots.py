@@ -32,18 +32,14 @@ def main(argv=None) -> int:
 
   import jax
   import jax.numpy as jnp
-  from flax import nnx
 
-  from rrjax import engine, hardware, sharding
+  from rrjax import engine, hardware
+  from rrjax.bench import random_model
   from rrjax.engine import programs
-  from rrjax.model.qwen2 import Qwen2, Qwen2Config
 
   lo, hi = (int(x) for x in args.live.split(":"))
-  dtype = args.dtype or hardware.default_dtype()
-  overrides = {"num_layers": args.layers} if args.layers else {}
-  config = Qwen2Config.preset(args.preset, dtype=dtype, param_dtype=dtype, **overrides)
-  mesh = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
-  model = sharding.create_sharded(lambda: Qwen2(config, rngs=nnx.Rngs(0)), mesh)
+  config, model, mesh = random_model(args.preset, args.layers, args.dtype)
+  dtype = config.dtype
   copy_rate = hardware.device_copy_bandwidth()
   c = config
   weight_bytes = c.param_count() * jnp.dtype(c.param_dtype).itemsize

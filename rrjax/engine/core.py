@@ -184,7 +184,11 @@ def _descending(buckets: Buckets, n: int, multiple: int) -> list[int]:
 
 
 class Engine:
-  """Decode slots over one model (see the module docstring). Not thread-safe."""
+  """Decode slots over one model (see the module docstring). `slots` x `max_length` positions of cache;
+  `sampling` fixes the programs' sampling structure (greedy, top-k, nucleus; requests bring temperature and
+  top-p values); `prefill_group` prompts at most per prefill, in `prefill_chunk`-token chunks if set;
+  `leave_early` (default: while requests wait) makes a decode call return at the first finished row;
+  `cache_layout` overrides the kernel's ("paged" or "split"). Not thread-safe."""
 
   def __init__(self, model, *, slots: int, max_length: int, mesh: Mesh | None = None,
                sampling: Sampling = Sampling(), steps_per_call: int = 64, prefill_group: int | None = None,
@@ -221,7 +225,7 @@ class Engine:
     """Queues `request` (checked here: one line naming the request on bad input); returns its submission
     number (Result.seq)."""
     r, c = request, self.config
-    what = f"request {r.id}" + (f" ({r.tag})" if r.tag is not None else "")
+    what = f"request {r.id}" + (f" ({str(r.tag)[:60]})" if r.tag is not None else "")
     if not len(r.prompt):
       raise ValueError(f"{what}: the prompt is empty")
     if min(r.prompt) < 0 or max(r.prompt) >= c.vocab_size:
@@ -252,6 +256,7 @@ class Engine:
 
   def run(self, requests: Iterable[Request]) -> list[Result]:
     """Submits `requests`, decodes until all are done; results in submission order (copies in order)."""
+    requests = list(requests)
     seqs = [self.submit(r) for r in requests]
     out: dict[tuple[int, int], Result] = {}
     while not self.idle():
