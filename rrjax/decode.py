@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
@@ -27,7 +28,7 @@ from rrjax.engine.programs import Buckets, bucket, compilation_count
 from rrjax.model.qwen2 import Qwen2, Qwen2Config
 
 __all__ = ["Buckets", "DecodeMemoryError", "Generation", "MemoryEstimate", "bucket", "compilation_count",
-           "default_cache_dtype", "estimate_memory", "generate"]
+           "default_cache_dtype", "estimate_memory", "generate", "programs"]
 
 GiB = memory.GiB
 STEPS_PER_CALL = 64  # decode steps per engine call at most (a call returns early when a row finishes)
@@ -181,3 +182,37 @@ def generate(model: Qwen2, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
   return Generation(tokens=[r.tokens for r in results], logprobs=[r.logprobs for r in results],
                     lengths=[len(r.tokens) for r in results], finish_reasons=[r.finish_reason for r in results],
                     logits=[r.logits for r in results] if return_logits else None, engine=report)
+
+
+def programs(model: Qwen2, num_prompts: int, prompt_len: int, *, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = (), mesh: Mesh | None = None,
+             batch_size: int | None = None, buckets: Buckets = Buckets(), cache_dtype: str | None = None,
+             return_logits: bool = False, num_samples: int = 1) -> list[tuple[str, object, tuple]]:
+  """The hook for ahead-of-time builds (rrjax.preflight): `[(name, jitted program, abstract arguments)]` of
+  the engine programs `generate` runs for `num_prompts` prompts (times `num_samples`) of up to `prompt_len`
+  tokens with these settings, bucketed as `generate` buckets them: rollout_prefill (its arguments are
+  params, tokens [G, P], lengths, slots, cache), rollout_insert and rollout_decode. `model` may be abstract
+  (ShapeDtypeStruct leaves on their shardings); `program.lower(*arguments).compile()` under the mesh builds
+  what `generate` would run, nothing allocated."""
+  from flax import nnx
+
+  from rrjax import sharding as sharding_lib
+  from rrjax.engine.programs import Programs, Spec
+
+  config: Qwen2Config = model.config
+  settings = sampling.Sampling(float(temperature), int(top_k), float(top_p))
+  cache_dtype = str(jnp.dtype(cache_dtype or default_cache_dtype(config)))
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  if mesh is not None:
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params,
+                          sharding_lib.state_shardings(state, mesh))
+  n = num_prompts * num_samples
+  B = buckets.batch(min(batch_size or n, n), memory.data_shards(mesh))
+  P, N = buckets.prompt(prompt_len), buckets.new_tokens(max_new_tokens)
+  kernel = core.decode_kernel(config, cache_dtype, mesh)
+  stops = len({int(s) for s in stop_ids})
+  spec = Spec(graphdef, config, mesh, B, core.slot_length(P + N, kernel), cache_dtype, kernel, settings.static_key(),
+              max(8, bucket(stops, 8)), _steps(N), return_logits)
+  return [(f"rollout_{name}", fn, args)
+          for name, fn, args in Programs(spec).jitted(params, B, P, bucket(num_samples, 1))]

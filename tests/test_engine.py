@@ -256,3 +256,25 @@ def test_cudnn_slot_attention_matches_xla_on_gpu():
     n = next((i for i, (x, y) in enumerate(zip(a.tokens, b.tokens)) if x != y), len(a.tokens))
     assert n >= min(4, len(a.tokens))  # bf16 rounding may flip a near-tie later on
     np.testing.assert_allclose(a.logits[:n], b.logits[:n], atol=0.1)
+
+
+def test_programs_hook_builds_the_engine_programs_ahead_of_time(ref):
+  """decode.programs (rrjax.preflight's hook): the engine programs generate runs, from an abstract model on a
+  mesh, lowered and compiled without allocating anything."""
+  import jax
+  from flax import nnx
+
+  from rrjax.model.qwen2 import Qwen2
+
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+  with jax.set_mesh(mesh):
+    abstract = nnx.eval_shape(lambda: Qwen2(CONFIG, rngs=nnx.Rngs(0)))
+  graphdef, params = sharding.abstract_state(abstract, mesh)
+  model = nnx.merge(graphdef, params)
+  built = decode.programs(model, 6, 40, max_new_tokens=20, temperature=1.0, top_k=5, stop_ids=STOP, mesh=mesh)
+  assert [name for name, _, _ in built] == ["rollout_prefill", "rollout_insert", "rollout_decode"]
+  assert built[0][2][1].shape == (8, 64)  # the prompt tokens: 6 prompts in 8 slots, 40 tokens in a bucket of 64
+  for name, fn, args in built:
+    with jax.set_mesh(mesh):
+      compiled = fn.lower(*args).compile()
+    assert compiled.memory_analysis() is not None, name

@@ -330,12 +330,17 @@ class Programs:
     self._CACHE.move_to_end(full)
     return self._CACHE[full]
 
-  def _compile(self, fn, args, donate, out_shardings=None):
-    spec = self.spec
-    if spec.mesh is None:
-      return jax.jit(fn, donate_argnums=donate).lower(*args).compile()
-    with jax.set_mesh(spec.mesh):
-      jitted = jax.jit(fn, donate_argnums=donate, out_shardings=out_shardings)
+  def _jit(self, fn, donate, out_shardings):
+    if self.spec.mesh is None:
+      return jax.jit(fn, donate_argnums=donate)
+    return jax.jit(fn, donate_argnums=donate, out_shardings=out_shardings)
+
+  def _compile(self, definition):
+    fn, args, donate, out = definition
+    jitted = self._jit(fn, donate, out)
+    if self.spec.mesh is None:
+      return jitted.lower(*args).compile()
+    with jax.set_mesh(self.spec.mesh):
       return jitted.lower(*args).compile()
 
   # -- abstract arguments (what warm-up and ahead-of-time builds lower with)
@@ -362,43 +367,58 @@ class Programs:
   def _cache_out(self):
     return None if self.spec.mesh is None else cache_shardings(self.spec)
 
+  def _prefill_definition(self, params, rows, prompt, copies, chunk):
+    s = self.spec
+    args = (jax.tree.map(abstract, params), self.abstract_cache(), self._vec(rows, jnp.int32, prompt),
+            self._vec(rows, jnp.int32), self._vec(rows, jnp.int32, copies))
+    out = None if s.mesh is None else (cache_shardings(s), _replicated(s.mesh))
+    return prefill_fn(s, rows, prompt, copies, chunk), args, (1,), out
+
+  def _insert_spec(self) -> Spec:
+    # Slot state and sampling only: the same program serves every cache length and kernel.
+    return dataclasses.replace(self.spec, length=0, kernel="xla", steps=0, return_logits=False)
+
+  def _insert_definition(self, rows, n):
+    s = self._insert_spec()
+    V, M = s.config.vocab_size, s.stop_slots
+    i32 = lambda: self._vec(n, jnp.int32)
+    args = (self.abstract_state(), self._vec(rows, jnp.float32, V), i32(), i32(), i32(), i32(), i32(),
+            self._vec(n, jnp.float32), self._vec(n, jnp.float32), i32(), i32(), self._vec(n, jnp.int32, M))
+    out = None if s.mesh is None else _replicated(s.mesh)
+    return insert_fn(s, rows, n), args, (0,), out
+
+  def _decode_definition(self, params):
+    s = self.spec
+    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=None if s.mesh is None else _replicated(s.mesh))
+    args = (jax.tree.map(abstract, params), self.abstract_cache(), self.abstract_state(), scalar(jnp.int32),
+            scalar(bool))
+    out = None
+    if s.mesh is not None:
+      r = _replicated(s.mesh)
+      out = (cache_shardings(s), r, r, r, None if not s.return_logits else r, r, r, r)
+    return decode_fn(s), args, (1, 2), out
+
   def prefill(self, params, rows: int, prompt: int, copies: int = 1, chunk: int | None = None):
     """The compiled prefill of G=`rows` prompts of P=`prompt` positions; `params` may be abstract."""
-    s = self.spec
-
-    def build():
-      args = (jax.tree.map(abstract, params), self.abstract_cache(), self._vec(rows, jnp.int32, prompt),
-              self._vec(rows, jnp.int32), self._vec(rows, jnp.int32, copies))
-      out = None if s.mesh is None else (cache_shardings(s), _replicated(s.mesh))
-      return self._compile(prefill_fn(s, rows, prompt, copies, chunk), args, (1,), out)
-
-    return self._get(("prefill", rows, prompt, copies, chunk), build)
+    return self._get(("prefill", rows, prompt, copies, chunk),
+                     lambda: self._compile(self._prefill_definition(params, rows, prompt, copies, chunk)))
 
   def insert(self, rows: int, n: int):
-    # Slot state and sampling only: the same program serves every cache length and kernel.
-    s = dataclasses.replace(self.spec, length=0, kernel="xla", steps=0, return_logits=False)
-
-    def build():
-      V, M = s.config.vocab_size, s.stop_slots
-      i32 = lambda: self._vec(n, jnp.int32)
-      args = (self.abstract_state(), self._vec(rows, jnp.float32, V), i32(), i32(), i32(), i32(), i32(),
-              self._vec(n, jnp.float32), self._vec(n, jnp.float32), i32(), i32(), self._vec(n, jnp.int32, M))
-      out = None if s.mesh is None else _replicated(s.mesh)
-      return self._compile(insert_fn(s, rows, n), args, (0,), out)
-
-    return self._get(("insert", rows, n), build, s)
+    return self._get(("insert", rows, n), lambda: self._compile(self._insert_definition(rows, n)),
+                     self._insert_spec())
 
   def decode(self, params):
-    s = self.spec
+    return self._get(("decode",), lambda: self._compile(self._decode_definition(params)))
 
-    def build():
-      scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=None if s.mesh is None else _replicated(s.mesh))
-      args = (jax.tree.map(abstract, params), self.abstract_cache(), self.abstract_state(), scalar(jnp.int32),
-              scalar(bool))
-      out = None
-      if s.mesh is not None:
-        r = _replicated(s.mesh)
-        out = (cache_shardings(s), r, r, r, None if not s.return_logits else r, r, r, r)
-      return self._compile(decode_fn(s), args, (1, 2), out)
-
-    return self._get(("decode",), build)
+  def jitted(self, params, rows: int, prompt: int, copies: int = 1, chunk: int | None = None):
+    """[(name, jitted program, abstract arguments)] of prefill, insert and decode, for ahead-of-time builds
+    elsewhere (`program.lower(*arguments).compile()` under the mesh builds what the engine runs). The
+    prefill takes (params, tokens, lengths, dest, cache): the prompt tokens second."""
+    prefill_body, args, _, shardings = self._prefill_definition(params, rows, prompt, copies, chunk)
+    params_, cache, tokens, lengths, dest = args
+    prefill = self._jit(lambda p, t, n, d, c: prefill_body(p, c, t, n, d), (4,), shardings)
+    out = [("prefill", prefill, (params_, tokens, lengths, dest, cache))]
+    for name, (fn, args, donate, sh) in (("insert", self._insert_definition(rows, rows * copies)),
+                                          ("decode", self._decode_definition(params))):
+      out.append((name, self._jit(fn, donate, sh), args))
+    return out
