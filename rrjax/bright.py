@@ -122,7 +122,7 @@ def rerank_tasks(args, tasks: Sequence[str], out: Path, passthrough: Sequence[st
   """{task: report} for every task, reranking those without a finished report (with one model for all)."""
   from rrjax.rerank import cli as rerank_cli
 
-  loaded: dict = {}
+  loaded = None
   reports = {}
   for task in tasks:
     argv = _rerank_argv(args, task, out, passthrough)
@@ -131,13 +131,11 @@ def rerank_tasks(args, tasks: Sequence[str], out: Path, passthrough: Sequence[st
     if report is not None:
       print(f"rrjax.bright: {task}: done before, reusing {out / f'{task}.json'}", file=sys.stderr)
     else:
-      if not loaded:
-        from rrjax import tokenizer as tokenizer_lib
-        from rrjax.checkpoints import from_pretrained
+      if loaded is None:
         distributed.initialize_from_args(args)
-        loaded = {"model": from_pretrained(args.model, dtype=args.dtype), "tokenizer": tokenizer_lib.load(args.model)}
+        loaded = rerank_cli.load_model(rerank_cli.build_parser().parse_args(argv), settings)
       print(f"rrjax.bright: {task}: reranking", file=sys.stderr)
-      rerank_cli.main(argv, **loaded)
+      rerank_cli.main(argv, loaded=loaded)
       report = json.loads((out / f"{task}.json").read_text())
     reports[task] = report
   return reports

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import os
 import time
 
 import jax
@@ -44,6 +45,33 @@ def platform() -> str:
   return "gpu" if name in ("cuda", "rocm") else name
 
 
+def host_available_bytes() -> int:
+  """Memory the host can still give: /proc/meminfo's MemAvailable (page cache counts as free), else the
+  free physical pages."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def device_memory_limit(devices) -> int | None:
+  """The smallest `bytes_limit` among `devices`, or None where a device reports none (CPU)."""
+  limits = []
+  for d in devices:
+    try:
+      stats = d.memory_stats()
+    except Exception:  # some backends raise instead of returning None
+      stats = None
+    if not stats or "bytes_limit" not in stats:
+      return None
+    limits.append(int(stats["bytes_limit"]))
+  return min(limits) if limits else None
+
+
 def default_dtype(platform_name: str | None = None) -> str:
   """The compute dtype where a config does not say: float32 on CPU (where bf16 is slow and tests want exact
   results), bfloat16 on accelerators."""
@@ -72,6 +100,25 @@ def host_bandwidth(megabytes: int = 512, repeats: int = 3) -> float:
   return 2 * src.nbytes / best
 
 
+def _best_jitted_seconds(fn, x, repeats: int) -> float:
+  """Fastest of `repeats` calls of jit(fn)(x), after one that compiles."""
+  f = jax.jit(fn)
+  f(x).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(x).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return best
+
+
+def device_copy_bandwidth(megabytes: int = 2048, repeats: int = 5) -> float:
+  """Bytes/s (read + write) of a jitted copy of a large array on the default device, best of `repeats`:
+  what the memory really delivers, the decode roofline's limit."""
+  x = jnp.zeros((megabytes * 2**20 // 4,), jnp.float32)
+  return 2 * x.nbytes / _best_jitted_seconds(lambda a: a + 1.0, x, repeats)
+
+
 def peak_bandwidth() -> tuple[float, str]:
   return _published(PEAK_BANDWIDTH) or (host_bandwidth(), "measured host copy (numpy, 512 MiB)")
 
@@ -79,15 +126,7 @@ def peak_bandwidth() -> tuple[float, str]:
 @functools.lru_cache(maxsize=4)
 def matmul_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
   """FLOP/s of a jitted n x n matmul on the default device, best of `repeats`."""
-  a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda a: a @ a)
-  f(a).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n**3 / best
+  return 2 * n**3 / _best_jitted_seconds(lambda a: a @ a, jnp.ones((n, n), dtype), repeats)
 
 
 def peak_flops(dtype: str = "bfloat16") -> tuple[float, str]:

@@ -38,11 +38,12 @@ class Sampling:
     return (False, self.top_k, self.top_p < 1.0)
 
 
-def row_keys(key, step, row_ids_B):
-  """One key per row and step, folded from the call's key, so a row's draws do not depend on which
-  batch, bucket or device it lands in."""
-  step_key = jax.random.fold_in(key, step)
-  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, row_ids_B)
+def request_keys(seed_B, request_B, index_B):
+  """One key per row from (seed, request id, token index), so a request's draws do not depend on which
+  slot, batch or device it lands in, nor on what runs beside it."""
+  def one(seed, request, index):
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), request), index)
+  return jax.vmap(one)(seed_B, request_B, index_B)
 
 
 def select(logits_BxV, keys_B, *, temperature, top_p, banned_V=None, ban_B=None, greedy: bool,
@@ -51,13 +52,20 @@ def select(logits_BxV, keys_B, *, temperature, top_p, banned_V=None, ban_B=None,
 
   logprobs are log_softmax(logits / temperature) (plain log_softmax when greedy) at the chosen token,
   before the top-k/top-p filters and the min-new-tokens ban: the policy's own probability, which is
-  what GRPO's ratio and KL need. `banned_V` (bool) tokens are excluded in rows where `ban_B` is set.
+  what GRPO's ratio and KL need. `banned_V` (bool, [V] or per row [B, V]) tokens are excluded in rows
+  where `ban_B` is set. `temperature` and `top_p` are scalars or per row [B]; when not `greedy`, rows of
+  temperature 0 take the argmax.
   """
   logits_BxV = logits_BxV.astype(jnp.float32)
-  scaled_BxV = logits_BxV if greedy else logits_BxV / temperature
+  B = logits_BxV.shape[0]
+  temperature_B = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (B,))
+  top_p_Bx1 = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (B,))[:, None]
+  row_greedy_B = temperature_B == 0.0
+  scaled_BxV = logits_BxV if greedy else logits_BxV / jnp.where(row_greedy_B, 1.0, temperature_B)[:, None]
   masked_BxV = scaled_BxV
   if banned_V is not None:
-    masked_BxV = jnp.where(ban_B[:, None] & banned_V[None, :], -jnp.inf, scaled_BxV)
+    banned_BxV = banned_V if banned_V.ndim == 2 else banned_V[None, :]
+    masked_BxV = jnp.where(ban_B[:, None] & banned_BxV, -jnp.inf, scaled_BxV)
 
   if greedy:
     tokens_B = jnp.argmax(masked_BxV, axis=-1).astype(jnp.int32)
@@ -68,12 +76,14 @@ def select(logits_BxV, keys_B, *, temperature, top_p, banned_V=None, ban_B=None,
       probs_BxK = jax.nn.softmax(vals_BxK, axis=-1)
       before_BxK = jnp.cumsum(probs_BxK, axis=-1) - probs_BxK
       # Keep the smallest prefix whose mass reaches top_p; the first candidate always survives.
-      keep_BxK = (before_BxK < top_p) | (jnp.arange(k) == 0)
+      keep_BxK = (before_BxK < top_p_Bx1) | (jnp.arange(k) == 0)
       vals_BxK = jnp.where(keep_BxK, vals_BxK, -jnp.inf)
     choice_B = jax.vmap(jax.random.categorical)(keys_B, vals_BxK)
     tokens_B = jnp.take_along_axis(idx_BxK, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
   else:
     tokens_B = jax.vmap(jax.random.categorical)(keys_B, masked_BxV).astype(jnp.int32)
+  if not greedy:
+    tokens_B = jnp.where(row_greedy_B, jnp.argmax(masked_BxV, axis=-1).astype(jnp.int32), tokens_B)
 
   logprobs_BxV = jax.nn.log_softmax(scaled_BxV, axis=-1)
   logprobs_B = jnp.take_along_axis(logprobs_BxV, tokens_B[:, None], axis=-1)[:, 0]

@@ -28,6 +28,16 @@ def randomize(model: transformers.Qwen2ForCausalLM) -> transformers.Qwen2ForCaus
   return model
 
 
+def varied_model(config: Qwen2Config, seed: int = 0) -> transformers.Qwen2ForCausalLM:
+  """torch_model with unit-variance matrices: HF's 0.02-std init makes every step emit the same token."""
+  ref = torch_model(config, seed)
+  with torch.no_grad():
+    for name, p in ref.named_parameters():
+      if p.ndim == 2:
+        p.normal_(0.0, 1.0 if "embed" in name else p.shape[1] ** -0.5)
+  return ref
+
+
 def rrjax_twin(model: transformers.Qwen2ForCausalLM, config: Qwen2Config, mesh=None):
   state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
 

@@ -6,6 +6,7 @@ import torch
 
 import hf_reference
 from rrjax import decode, sharding
+from rrjax.engine import memory as engine_memory
 from rrjax.model.qwen2 import Qwen2Config
 
 TOL = 1e-4
@@ -16,13 +17,7 @@ NO_STOP = ()
 
 
 def _torch_model(config, seed=0):
-  """HF's 0.02-std init makes every step emit the same token; unit-variance weights give varied text."""
-  ref = hf_reference.torch_model(config, seed)
-  with torch.no_grad():
-    for name, p in ref.named_parameters():
-      if p.ndim == 2:
-        p.normal_(0.0, 1.0 if "embed" in name else p.shape[1] ** -0.5)
-  return ref
+  return hf_reference.varied_model(config, seed)
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +166,10 @@ def test_sharded_matches_single_device(models):
   whole = decode.estimate_memory(model, 8, 64, 32)
   split = decode.estimate_memory(sharded, 8, 64, 32, mesh=mesh)
   kv = 2 * CONFIG.num_layers * 8 * 96 * CONFIG.num_kv_heads * CONFIG.head_dim * 4
-  assert whole.kv_cache == kv + 8 * 96 * 4 and split.kv_cache == kv // 8 + 8 * 96 * 4 // 4
+  # Besides keys/values, each slot keeps a few int32 words (length, next token, budgets, ...) and its stop ids,
+  # replicated (the engine's slots need no per-position segment ids: right padding and lengths mask).
+  slot_state = 8 * (engine_memory.SLOT_STATE_INTS + 8) * 4
+  assert whole.kv_cache == kv + slot_state and split.kv_cache == kv // 8 + slot_state
   assert split.weights < whole.weights
 
 
@@ -201,3 +199,16 @@ def test_input_validation(models):
   with pytest.raises(ValueError, match="top_p"):
     decode.generate(model, [[1]], max_new_tokens=2, temperature=1.0, top_p=0.0)
   assert decode.generate(model, [[1]], max_new_tokens=0, stop_ids=NO_STOP).tokens == [[]]
+
+
+def test_samples_of_one_prefill_equal_repeated_prompts(models):
+  """num_samples=G: one prefill per prompt into G slots, the same streams as the prompt list repeated G times."""
+  _, model = models
+  kw = dict(max_new_tokens=10, stop_ids=[7], temperature=1.0, top_k=20, seed=9)
+  shared = decode.generate(model, PROMPTS[:3], num_samples=4, batch_size=8, **kw)
+  repeated = decode.generate(model, [p for p in PROMPTS[:3] for _ in range(4)], batch_size=8, **kw)
+  assert shared.tokens == repeated.tokens and shared.finish_reasons == repeated.finish_reasons
+  assert shared.engine["prefill_rows"] < repeated.engine["prefill_rows"] == 12
+  assert len({tuple(t) for t in shared.tokens[:4]}) > 1  # the samples of one prompt differ
+  per_prompt = decode.generate(model, PROMPTS[:2], max_new_tokens=[3, 9], stop_ids=NO_STOP)
+  assert per_prompt.lengths == [3, 9]

@@ -1,4 +1,4 @@
-"""Imports flow one way: model <- decode <- ranking <- rerank, and model <- train; no cycles between rrjax's
+"""Imports flow one way: model <- engine <- decode <- ranking <- rerank, and model <- train; no cycles between rrjax's
 top-level modules and subpackages, counting imports inside functions (read from the source, not run)."""
 
 import ast
@@ -29,8 +29,9 @@ def _imports(path: pathlib.Path) -> set[str]:
   return _imports_of(path.read_text(), _module_name(path), path.name == "__init__.py")
 
 
-def _imports_of(source: str, module: str, is_package: bool) -> set[str]:
-  """Every rrjax module named by an import anywhere in `source` (function bodies included)."""
+def _imports_of(source: str, module: str, is_package: bool, rrjax_only: bool = True) -> set[str]:
+  """Every rrjax module (or with rrjax_only=False, every module) named by an import anywhere in `source`
+  (function bodies included)."""
   package = module if is_package else module.rpartition(".")[0]
   out = set()
   for node in ast.walk(ast.parse(source)):
@@ -43,7 +44,7 @@ def _imports_of(source: str, module: str, is_package: bool) -> set[str]:
         base = ".".join(anchor + ([base] if base else []))
       out.add(base)
       out.update(f"{base}.{alias.name}" for alias in node.names)  # `from rrjax import tokenizer`
-  return {m for m in out if m == "rrjax" or m.startswith("rrjax.")}
+  return {m for m in out if not rrjax_only or m == "rrjax" or m.startswith("rrjax.")}
 
 
 def _existing(module: str) -> bool:
@@ -97,8 +98,8 @@ def test_the_package_uses_its_modules_not_its_facade():
 
 
 @pytest.mark.parametrize("lower, upper", [
-    ("rrjax.model", "rrjax.decode"), ("rrjax.decode", "rrjax.ranking"), ("rrjax.ranking", "rrjax.rerank"),
-    ("rrjax.model", "rrjax.train")])
+    ("rrjax.model", "rrjax.engine"), ("rrjax.engine", "rrjax.decode"), ("rrjax.decode", "rrjax.ranking"),
+    ("rrjax.ranking", "rrjax.rerank"), ("rrjax.model", "rrjax.train")])
 def test_layers(graph, lower, upper):
   assert lower in _reach(graph, upper), f"{upper} is expected to build on {lower}"
   assert upper not in _reach(graph, lower), f"{lower} must not import {upper} (even indirectly)"
@@ -107,12 +108,12 @@ def test_layers(graph, lower, upper):
 def test_model_knows_nothing_of_ranking_data_training(graph):
   reached = _reach(graph, "rrjax.model")
   for name in ("rrjax.ranking", "rrjax.data", "rrjax.train", "rrjax.rerank", "rrjax.synth", "rrjax.decode",
-               "rrjax.checkpoints", "rrjax.demo"):
+               "rrjax.engine", "rrjax.checkpoints", "rrjax.demo"):
     assert name not in reached, f"rrjax.model reaches {name}"
 
 
 def test_reranking_needs_no_training_stack(graph):
-  for start in ("rrjax.rerank", "rrjax.ranking", "rrjax.decode", "rrjax.checkpoints", "rrjax.eval"):
+  for start in ("rrjax.rerank", "rrjax.ranking", "rrjax.decode", "rrjax.engine", "rrjax.checkpoints", "rrjax.eval"):
     assert "rrjax.train" not in _reach(graph, start) | {start}, f"{start} reaches rrjax.train"
 
 
@@ -121,3 +122,53 @@ def test_imports_are_read_from_function_bodies_and_relative_forms():
   got = _imports_of(src, "rrjax.model.qwen2", is_package=False)
   assert {"rrjax.train.loop", "rrjax.model.hf", "rrjax.data.trec"} <= got and "os" not in got
   assert {_unit(m) for m in got} == {"rrjax.train", "rrjax.model", "rrjax.data"}
+
+
+GPU_BENCH_ENTRY_POINTS = ("rrjax.engine", "rrjax.decode", "rrjax.rerank", "rrjax.bench.engine", "rrjax.bench.slots",
+                          "rrjax.bench.fidelity", "rrjax.bench.forward", "rrjax.bench.decode", "rrjax.bench.rerank")
+
+
+def _module_path(module: str) -> pathlib.Path | None:
+  rel = pathlib.Path(*module.split("."))
+  for path in ((PACKAGE.parent / rel).with_suffix(".py"), PACKAGE.parent / rel / "__init__.py"):
+    if path.exists():
+      return path
+  return None
+
+
+def _all_imports(path: pathlib.Path) -> set[str]:
+  return _imports_of(path.read_text(), _module_name(path), path.name == "__init__.py", rrjax_only=False)
+
+
+def test_gpu_bench_path_needs_neither_grain_nor_tfds():
+  """The GPU image (jax 0.11) has no grain or tensorflow_datasets: the modules scripts/gpu_bench.sh runs must
+  import without them, and nothing they reach imports them even inside a function (module-level graph, read
+  from the source), except rrjax.checkpoints when it saves or restores a training data iterator."""
+  import os
+  import subprocess
+  import sys
+
+  blocked = "import sys; sys.modules['grain'] = sys.modules['tensorflow_datasets'] = None; "
+  code = blocked + "; ".join(f"import {m}" for m in GPU_BENCH_ENTRY_POINTS)
+  env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent), "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  seen, todo = set(), list(GPU_BENCH_ENTRY_POINTS)
+  while todo:
+    module = todo.pop()
+    path = _module_path(module)
+    if module in seen or path is None:
+      continue
+    seen.add(module)
+    parts = module.split(".")
+    parents = [".".join(parts[:i]) for i in range(2, len(parts))]  # importing a.b.c runs a.b's __init__
+    for name in _all_imports(path) | set(parents):
+      if name.startswith("rrjax"):
+        todo.append(name)
+  assert "rrjax.engine.core" in seen and "rrjax.rerank.cli" in seen
+  found = {}
+  for module in seen:
+    names = {n.split(".")[0] for n in _all_imports(_module_path(module))}
+    found.update({module: sorted(names & {"grain", "tensorflow_datasets"})} if names & {"grain", "tensorflow_datasets"}
+                 else {})
+  assert set(found) <= {"rrjax.checkpoints"}, found

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 
@@ -95,6 +97,29 @@ def test_cli_listwise_subprocess(tiny_dir, dl19, tmp_path):
   assert set(metrics["reranked"]) == {"ndcg@1", "ndcg@5", "ndcg@10", "recall@100"}
   assert metrics["reranked"]["recall@100"] == pytest.approx(metrics["first_stage"]["recall@100"])
   assert "windows" in proc.stderr  # the tqdm bar
+
+
+def test_cli_default_concurrency_stays_within_its_memory_budget(tiny_dir, dl19, tmp_path):
+  """The documented command (bundled DL19, top-100, windows 20/10, 100-token passages, default concurrency)
+  with a small new-token budget: the engine chooses its slots and prefill groups from the budget (the
+  host's available memory on CPU), and the process's peak RSS stays below that budget."""
+  out = tmp_path / "dl19.trec"
+  cmd = [sys.executable, "-m", "rrjax.rerank", "--model", tiny_dir, "--corpus", dl19["rankgpt"],
+         "--max-passage-tokens", "100", "--max-new-tokens", "4", "--max-queries", "2", "--out", str(out),
+         "--no-progress"]
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # one CPU device, as a user's machine has
+  with open(tmp_path / "stderr", "w") as err:
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+  assert os.waitstatus_to_exitcode(status) == 0, (tmp_path / "stderr").read_text()[-3000:]
+  report = json.loads(out.with_suffix(".json").read_text())
+  assert report["totals"]["windows"] == 2 * 9
+  engine = report["engine"]
+  assert engine["slots"] >= 2 and engine["prefill_group"] >= 1 and engine["prefill_calls"] >= 9
+  assert engine["estimate_bytes"] <= engine["budget_bytes"]
+  devices = math.prod(report["mesh"].values())  # the budget is per device; they share the host
+  assert devices == 1 and usage.ru_maxrss * 1024 < engine["budget_bytes"] * devices, (usage.ru_maxrss, engine)
 
 
 @pytest.mark.parametrize("mode", ["pointwise", "full"])
@@ -219,6 +244,138 @@ def test_oracle_matches_independent_window_process(inputs, dl19, tok):
   assert after["mean"]["ndcg@10"] > before["mean"]["ndcg@10"]
 
 
+def _truncated(inputs):
+  queries = list(inputs.queries[:6])
+  for i, n in ((1, 35), (3, 7), (4, 1)):  # fewer candidates than top-k, than a window, and a single one
+    queries[i] = dataclasses.replace(queries[i], candidates=queries[i].candidates[:n])
+  return queries
+
+
+def test_async_schedule_matches_lockstep_and_upstream_windows(inputs, dl19, tok):
+  qrels = trec.read_qrels(dl19["qrels"])
+  queries = _truncated(inputs)
+
+  def oracle(prompts):
+    return [_answer(sorted(range(len(p.docids)), key=lambda j: (-qrels[p.qid].get(p.docids[j], 0), j)))
+            for p in prompts]
+
+  lockstep = loop.rerank_listwise(queries, oracle, tok, max_passage_tokens=100)
+  completer = loop.BatchCompleter(oracle)
+  seen = []
+  ranked = loop.rerank_listwise_async(queries, completer, tok, max_passage_tokens=100, progress=seen.append)
+  assert ranked == lockstep and len(seen) == sum(len(r.windows) for r in ranked) == 9 * 3 + 3 + 1 + 1
+  for q, r in zip(queries, ranked):
+    assert [c.docid for c in r.candidates] == _upstream_windows([c.docid for c in q.candidates], qrels[q.qid])
+
+
+def test_async_schedule_runs_continuing_queries_first(inputs, tok):
+  """One slot: a query's next window goes before the queries not started yet, those with most windows first."""
+  queries = _truncated(inputs)
+
+  class OneSlot:
+    def __init__(self):
+      self.queue, self.order = [], []
+
+    def submit(self, prompt, priority):
+      self.queue.append((priority, len(self.order) + len(self.queue), prompt))
+
+    def poll(self):
+      self.queue.sort(key=lambda e: (e[0], e[1]))
+      _, _, prompt = self.queue.pop(0)
+      self.order.append((prompt.qid, prompt.start))
+      return [(prompt, _answer(range(prompt.end - prompt.start)))]
+
+  slot = OneSlot()
+  loop.rerank_listwise_async(queries, slot, tok, max_passage_tokens=20)
+  by_query = [q.qid for q in queries]
+  visited = list(dict.fromkeys(qid for qid, _ in slot.order))
+  assert visited == [by_query[i] for i in (0, 2, 5, 1, 3, 4)]  # 9, 9, 9, then 3, 1, 1 windows; ties in order
+  firsts = [i for i, (qid, _) in enumerate(slot.order) if i == 0 or slot.order[i - 1][0] != qid]
+  assert len(firsts) == len(queries)  # each query runs to its end once started: no interleaving
+
+
+def test_empty_share_reranks_nothing(tok):
+  out = rr.rerank([], None, tok, rr.RerankSettings())  # nothing to decode: no model, no engine
+  report = rr.build_report(rr.RerankSettings(), out)
+  assert out.ranked == [] and report["totals"]["queries"] == report["totals"]["windows"] == 0
+
+
+def test_default_mesh_replicates_small_models_and_splits_large_ones():
+  from rrjax.engine import memory
+  from rrjax.model.qwen2 import Qwen2Config
+  from rrjax.sharding import MeshConfig
+
+  devices = list(range(8))
+  gb = 10**9
+  assert memory.inference_mesh(Qwen2Config.tiny(), devices, "float32", 16 * gb) == MeshConfig(8, 1, 1)
+  # 7B in bf16 (15 GB) on 16 GB TPU v5e chips: tensor parallelism over 2 (4 kv heads), 4 replicas.
+  assert memory.inference_mesh(Qwen2Config.qwen2_5_7b(), devices, "bfloat16", 16 * gb) == MeshConfig(4, 1, 2)
+  # 32B (65 GB) on 80 GB GPUs: 2 devices hold it beside a cache.
+  assert memory.inference_mesh(Qwen2Config.qwen2_5_32b(), devices, "bfloat16", 80 * gb) == MeshConfig(4, 1, 2)
+
+
+def test_engine_schedules_agree_on_short_and_single_candidate_queries(inputs, tiny_dir, tok):
+  """On the model: a full query, one with fewer candidates than a window and one with a single candidate."""
+  from rrjax.checkpoints import from_pretrained
+
+  model = from_pretrained(tiny_dir)
+  queries = [inputs.queries[0], dataclasses.replace(inputs.queries[1], candidates=inputs.queries[1].candidates[:7]),
+             dataclasses.replace(inputs.queries[2], candidates=inputs.queries[2].candidates[:1])]
+  base = rr.RerankSettings(top_k=30, window=10, stride=5, max_passage_tokens=30, max_new_tokens=6)
+  out = {s: rr.rerank(queries, model, tok, dataclasses.replace(base, schedule=s)) for s in loop.SCHEDULES}
+  assert out["async"].ranked == out["lockstep"].ranked
+  assert [len(r.windows) for r in out["async"].ranked] == [5, 1, 1]
+  assert [len(r.candidates) for r in out["async"].ranked] == [30, 7, 1]
+
+
+def test_a_window_that_cannot_fit_at_one_slot_is_one_line_and_exit_2(tiny_dir, dl19, tmp_path):
+  out = tmp_path / "r.trec"
+  cmd = [sys.executable, "-m", "rrjax.rerank", "--model", tiny_dir, "--corpus", dl19["rankgpt"], "--out", str(out),
+         "--max-queries", "1", "--max-new-tokens", "2000000000", "--no-progress"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+  assert lines[0].startswith("rrjax.rerank: error: window ")
+  assert re.search(r"does not fit even at (1 slot|\d+ slots \(one per data shard\)):", lines[0])
+  assert "2000000000 new" in lines[0] and not out.exists() and not out.with_suffix(".json").exists()
+
+
+def _small_cli(tiny_dir, dl19, out, *extra):
+  return rr.main(["--model", tiny_dir, "--corpus", dl19["rankgpt"], "--out", str(out), "--max-queries", "4",
+                  "--window", "10", "--stride", "5", "--top-k", "30", "--max-passage-tokens", "50",
+                  "--max-new-tokens", "8", "--no-progress", *extra])
+
+
+def test_cli_async_and_lockstep_write_the_same_run(tiny_dir, dl19, tmp_path):
+  """Greedy: every window depends only on its own query's previous window, so the schedules agree byte for
+  byte (windows 10/5 over top-30, prompts of mixed lengths)."""
+  runs = {}
+  for schedule in ("async", "lockstep"):
+    out = tmp_path / f"{schedule}.trec"
+    assert _small_cli(tiny_dir, dl19, out, "--schedule", schedule) == 0
+    runs[schedule] = out.read_bytes()
+    totals = json.loads(out.with_suffix(".json").read_text())["totals"]
+    assert totals["schedule"] == schedule and totals["windows"] == 4 * 5
+    assert 0 < totals["occupancy"] <= 1 and totals["windows_per_second"] > 0 and totals["prefill_seconds"] > 0
+    prompts = [w["prompt_tokens"] for q in json.loads(out.with_suffix(".json").read_text())["queries"].values()
+               for w in q["windows"]]
+  assert runs["async"] == runs["lockstep"] and len(set(prompts)) > 10
+
+
+def test_cli_mesh_shapes_give_the_same_run(tiny_dir, dl19, tmp_path):
+  runs = {}
+  for mesh in ("1,1,1", "2,2,2", "1,4,2"):
+    out = tmp_path / f"mesh{mesh.replace(',', '')}.trec"
+    assert _small_cli(tiny_dir, dl19, out, "--mesh", mesh, "--max-queries", "1", "--top-k", "20",
+                      "--max-passage-tokens", "30") == 0
+    runs[mesh] = out.read_bytes()
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["mesh"] == dict(zip(("data", "fsdp", "tensor"), map(int, mesh.split(","))))
+  assert runs["2,2,2"] == runs["1,1,1"] == runs["1,4,2"]
+  with pytest.raises(SystemExit):
+    rr.build_parser().parse_args(["--model", "m", "--corpus", "c", "--out", "o", "--mesh", "2,2"])
+
+
 def test_pointwise_loop_sorts_by_score_and_keeps_slots(inputs, tok):
   queries = inputs.queries[:2]
   seen = []
@@ -270,6 +427,12 @@ def test_gin_then_flags(tmp_path):
     rr.settings_from_gin([], ["RerankSettings.stride = 0"])
   with pytest.raises(ValueError, match="nope.gin"):
     rr.settings_from_gin(["nope.gin"])
+  from rrjax.sharding import MeshConfig
+  meshed = rr.settings_from_gin([], ["RerankSettings.mesh = @MeshConfig()", "MeshConfig.data = 4",
+                                     "MeshConfig.tensor = 2", "RerankSettings.schedule = 'lockstep'"])
+  assert meshed.mesh == MeshConfig(data=4, fsdp=1, tensor=2) and meshed.schedule == "lockstep"
+  with pytest.raises(ValueError, match="schedule"):
+    rr.settings_from_gin([], ["RerankSettings.schedule = 'rounds'"])
   assert rr.report_path("x/run.trec") == rr.report_path("x/run.trec.gz")
   with pytest.raises(ValueError):
     rr.report_path("run.json")

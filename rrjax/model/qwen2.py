@@ -313,6 +313,33 @@ class KVCache(NamedTuple):
     return 2 * config.num_layers * batch * length * config.num_kv_heads * config.head_dim * item
 
 
+class SlotCache(NamedTuple):
+  """Keys/values of B decode slots of S positions, filled from position 0 (right padding): slot b's keys
+  are positions [0, length_b), the lengths kept by whoever owns the cache; what lies beyond is never read.
+  Layout "split": k and v [L, B, S, K, H]; "paged" (the TPU ragged paged kernel's): k holds keys and values
+  interleaved per kv head, [L, B, S, 2K, H], and v is None."""
+
+  k: jax.Array
+  v: jax.Array | None
+
+  @classmethod
+  def zeros(cls, config: Qwen2Config, slots: int, length: int, dtype=None, layout: str = "split") -> SlotCache:
+    dtype = jnp.dtype(dtype or config.dtype)
+    L, K, H = config.num_layers, config.num_kv_heads, config.head_dim
+    if layout == "paged":
+      return cls(jnp.zeros((L, slots, length, 2 * K, H), dtype), None)
+    return cls(jnp.zeros((L, slots, length, K, H), dtype), jnp.zeros((L, slots, length, K, H), dtype))
+
+  @property
+  def layout(self) -> str:
+    return "paged" if self.v is None else "split"
+
+  @staticmethod
+  def logical_axes(layout: str = "split") -> SlotCache:
+    kv = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+    return SlotCache(kv, None if layout == "paged" else kv)
+
+
 def _param(rngs, shape, axes, dtype, init="normal"):
   if init == "normal":
     value = nnx.initializers.normal(0.02)(rngs.params(), shape, dtype)
@@ -420,8 +447,9 @@ class Qwen2(nnx.Module):
     return sharding.constrain(logits_BxTxV, ("batch", "length", "vocab"))
 
   def hidden_states(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None, *, cache=None,
-                    fresh_cache: bool = False):
-    """Final-norm hidden states [B, T, D] (and the updated cache, or None)."""
+                    fresh_cache: bool = False, lengths_B=None):
+    """Final-norm hidden states [B, T, D] (and the updated cache, or None). `lengths_B` promises right
+    padding (segment 1 on [0, length), 0 after), which lets cuDNN skip the padding without a dense mask."""
     c = self.config
     B, T = tokens_BxT.shape
     if segment_ids_BxT is None:
@@ -431,20 +459,64 @@ class Qwen2(nnx.Module):
       if cache is not None:
         raise ValueError("positions are required when decoding with a cache")
       positions_BxT = positions_from_segments(segment_ids_BxT)
-    x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(c.dtype)
-    x_BxTxD = sharding.constrain(x_BxTxD, ("batch", "length", "embed"))
-    cos, sin = rope_tables(positions_BxT, c.head_dim, c.rope_theta)
 
     self_only = cache is None or fresh_cache  # keys are exactly this call's tokens
     if cache is not None:
       cache_segment_BxS = jax.lax.dynamic_update_slice(cache.segment_BxS, segment_ids_BxT, (0, cache.index))
     if self_only:
       q_index_T = kv_index_S = jnp.arange(T, dtype=jnp.int32)
-      mask = attention_lib.Mask(segment_ids_BxT, segment_ids_BxT, q_index_T, kv_index_S, causal_only=True)
+      mask = attention_lib.Mask(segment_ids_BxT, segment_ids_BxT, q_index_T, kv_index_S, causal_only=True,
+                                lengths_B=lengths_B)
     else:
       q_index_T = cache.index + jnp.arange(T, dtype=jnp.int32)
       kv_index_S = jnp.arange(cache.segment_BxS.shape[1], dtype=jnp.int32)
       mask = attention_lib.Mask(segment_ids_BxT, cache_segment_BxS, q_index_T, kv_index_S, causal_only=False)
+
+    def attend(q, k, v, k_cache, v_cache, index):
+      if k_cache is not None:
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), (index, 0, cache.index, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), (index, 0, cache.index, 0, 0))
+        if not self_only:
+          k = jax.lax.dynamic_index_in_dim(k_cache, index, 0, keepdims=False).astype(c.dtype)
+          v = jax.lax.dynamic_index_in_dim(v_cache, index, 0, keepdims=False).astype(c.dtype)
+      return attention_lib.attend(q, k, v, mask, impl=c.attention), k_cache, v_cache
+
+    kv = (None, None) if cache is None else (cache.k_LxBxSxKxH, cache.v_LxBxSxKxH)
+    hidden, (k_cache, v_cache) = self._decoder(tokens_BxT, positions_BxT, kv, attend)
+    if cache is not None:
+      cache = KVCache(k_cache, v_cache, cache_segment_BxS, cache.index + T)
+    return hidden, cache
+
+  def extend(self, tokens_BxT, cache: SlotCache, lengths_B, *, kernel: str = "xla"):
+    """Appends T tokens to every row of a right-padded slot cache: row b's tokens take positions (RoPE
+    and cache slots alike) lengths_B[b] + [0, T) and attend to the row's keys up to their own position.
+    Returns (final-norm hidden states [B, T, D], the updated cache). Writes past the cache's end are
+    dropped; what lies past a row's length is never read. `kernel`: see attention.slot_kernel."""
+    B, T = tokens_BxT.shape
+    lengths_B = lengths_B.astype(jnp.int32)
+    positions_BxT = lengths_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+    rows_Bx1 = jnp.arange(B, dtype=jnp.int32)[:, None]
+
+    def attend(q, k, v, k_cache, v_cache, index):
+      if v_cache is None:  # paged: (k, v) interleaved per kv head
+        kv = jnp.stack([k, v], axis=-2).reshape(*k.shape[:2], 2 * k.shape[2], k.shape[3])
+        k_cache = k_cache.at[index, rows_Bx1, positions_BxT].set(kv.astype(k_cache.dtype), mode="drop")
+      else:
+        k_cache = k_cache.at[index, rows_Bx1, positions_BxT].set(k.astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[index, rows_Bx1, positions_BxT].set(v.astype(v_cache.dtype), mode="drop")
+      out = attention_lib.attend_slots(q, k_cache, v_cache, index, lengths_B + T, kernel=kernel)
+      return out, k_cache, v_cache
+
+    hidden, (k_cache, v_cache) = self._decoder(tokens_BxT, positions_BxT, (cache.k, cache.v), attend)
+    return hidden, SlotCache(k_cache, v_cache)
+
+  def _decoder(self, tokens_BxT, positions_BxT, kv, attend):
+    """Embedding, the decoder layers and the final norm; `attend(q, k, v, k_cache, v_cache, layer)` is the
+    attention (and cache update) of one layer. Returns (hidden [B, T, D], (k_cache, v_cache))."""
+    c = self.config
+    x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(c.dtype)
+    x_BxTxD = sharding.constrain(x_BxTxD, ("batch", "length", "embed"))
+    cos, sin = rope_tables(positions_BxT, c.head_dim, c.rope_theta)
 
     def layer(carry, xs):
       x_BxTxD, k_cache, v_cache = carry
@@ -461,13 +533,7 @@ class Qwen2(nnx.Module):
       q, k, v = adapted(q, h, "q"), adapted(k, h, "k"), adapted(v, h, "v")
       q = sharding.constrain(apply_rope(q, cos, sin), ("batch", "length", "q_heads", "head_dim"))
       k = sharding.constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
-      if k_cache is not None:
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), (index, 0, cache.index, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), (index, 0, cache.index, 0, 0))
-        if not self_only:
-          k = jax.lax.dynamic_index_in_dim(k_cache, index, 0, keepdims=False).astype(c.dtype)
-          v = jax.lax.dynamic_index_in_dim(v_cache, index, 0, keepdims=False).astype(c.dtype)
-      out_BxTxNxH = attention_lib.attend(q, k, v, mask, impl=c.attention)
+      out_BxTxNxH, k_cache, v_cache = attend(q, k, v, k_cache, v_cache, index)
       attn_BxTxD = adapted(jnp.einsum("btnh,nhd->btd", out_BxTxNxH, w["o_kernel"].astype(c.dtype)), out_BxTxNxH, "o")
       x_BxTxD = x_BxTxD + attn_BxTxD
       h = rms_norm(x_BxTxD, w["mlp_norm"], c.rms_norm_eps)
@@ -485,7 +551,7 @@ class Qwen2(nnx.Module):
     if c.remat != "none":
       layer = jax.checkpoint(layer, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
     weights = self.layers.weights()
-    carry = (x_BxTxD, None if cache is None else cache.k_LxBxSxKxH, None if cache is None else cache.v_LxBxSxKxH)
+    carry = (x_BxTxD, *kv)
     layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
     if c.scan_layers:
       carry, _ = jax.lax.scan(layer, carry, (weights, layer_ids))
@@ -493,7 +559,4 @@ class Qwen2(nnx.Module):
       for i in range(c.num_layers):
         carry, _ = layer(carry, (jax.tree.map(lambda w: w[i], weights), layer_ids[i]))
     x_BxTxD, k_cache, v_cache = carry
-    hidden = rms_norm(x_BxTxD, self.final_norm[...], c.rms_norm_eps)
-    if cache is not None:
-      cache = KVCache(k_cache, v_cache, cache_segment_BxS, cache.index + T)
-    return hidden, cache
+    return rms_norm(x_BxTxD, self.final_norm[...], c.rms_norm_eps), (k_cache, v_cache)

@@ -1,67 +1,184 @@
-"""The model side of the reranking loops: `complete` (listwise) and `score` (Rank1) over `rrjax.generate`."""
+"""The model side of the reranking loops on rrjax.engine: `complete` (lockstep listwise, full-list),
+`submit`/`poll` (the async schedule's Completer) and `score` (Rank1)."""
 
 from __future__ import annotations
 
-import collections
 import math
 import time
-from typing import Sequence
+import zlib
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from rrjax import decode
+from rrjax.engine import core as engine_lib
 from rrjax.ranking import rerank_loop as loop
 from rrjax.ranking.pointwise import rank1_label_ids, rank1_reasoning
+from rrjax.sampling import Sampling
+
+HEADROOM = 1.25  # slot prompt room over the longest prompt seen: later windows of a query may be longer
+_SHAPES = ("slots", "prefill_group", "prefill_chunk", "slot_length", "estimate_bytes")
 
 
 class ModelBackend:
   """Generation settings come from `settings` (a RerankSettings: max/min new tokens, temperature, top_p,
-  seed, batch_size, window, prompt_mode); it also counts the seconds spent generating."""
+  seed, batch_size, window, prompt_mode). Listwise windows run on one engine kept across calls (recreated
+  with longer slots when a prompt outgrows them), its slots and prefill group chosen from the memory budget
+  unless `batch_size` says; `eager` (the async schedule) makes each decode call return at the first
+  finished window. `budget(prompt)`, when given, scripts each window's generated length (stop ids off: the
+  benchmarks' fixed-length chains). `engine` collects the engines' shapes, budget and counters."""
 
-  def __init__(self, model, tokenizer, settings, *, mesh=None):
+  def __init__(self, model, tokenizer, settings, *, mesh=None, eager: bool = False,
+               budget: Callable[[str], int] | None = None, concurrency: int | None = None):
     self.model, self.tokenizer, self.settings, self.mesh = model, tokenizer, settings, mesh
+    self.eager, self.budget, self.concurrency = eager, budget, concurrency
     self.generate_seconds = 0.0
     self.calls = 0
+    self.engine: dict = {}
+    self._engine: engine_lib.Engine | None = None
+    self._waiting: list[engine_lib.Request] = []
+    self._ids: dict[int, int] = {}  # request id -> times used (ids stay unique when a window repeats)
+
+  # ---------------------------------------------------------------- accounting
+
+  def _account(self, report: dict) -> None:
+    """Counters add up; shapes and estimates keep their largest value, the budget its smallest."""
+    e = self.engine
+    for key, value in report.items():
+      if value is None:
+        continue
+      if key == "budget_bytes":
+        e[key] = min(e.get(key, value), value)
+      elif key in _SHAPES:
+        e[key] = max(e.get(key, value), value)
+      elif key != "occupancy":
+        e[key] = e.get(key, 0) + value
+    if e.get("slot_steps"):
+      e["occupancy"] = e["live_slot_steps"] / e["slot_steps"]
+
+  def close(self) -> None:
+    """Accounts for and drops the listwise engine (its cache is freed)."""
+    if self._engine is not None:
+      self._account(self._engine.stats.as_dict())
+      self._engine.release()
+      self._engine = None
+
+  # ---------------------------------------------------------------- listwise on a kept engine
+
+  def _budget(self, prompt) -> tuple[int, int, tuple[int, ...]]:
+    """(max_new, min_new, stop ids) of a window."""
+    s = self.settings
+    if self.budget is not None:
+      n = int(self.budget(prompt))
+      return n, n, ()
+    if s.prompt_mode == "plain":
+      n = getattr(prompt, "end", 0) - getattr(prompt, "start", 0) or s.window
+      budget = self._answer_budget(n)
+      return budget, budget, tuple(self.tokenizer.stop_ids)
+    return s.max_new_tokens, s.min_new_tokens, tuple(self.tokenizer.stop_ids)
+
+  def _request_id(self, prompt) -> int:
+    """A window's sampling stream: from its query and span, so that it does not depend on the schedule."""
+    key = f"{getattr(prompt, 'qid', '')}\t{getattr(prompt, 'start', '')}\t{getattr(prompt, 'end', '')}\t{prompt}"
+    base = zlib.crc32(key.encode()) & 0x3FFFFFFF
+    used = self._ids.get(base, 0)
+    self._ids[base] = used + 1
+    return (base + used) & 0x7FFFFFFF
+
+  def submit(self, prompt, priority: Any = 0) -> None:
+    s = self.settings
+    ids = self.tokenizer.encode(prompt)
+    max_new, min_new, stops = self._budget(prompt)
+    request = engine_lib.Request(ids, max_new, min_new, stops, s.temperature, s.top_p, s.seed,
+                                 id=self._request_id(prompt), priority=priority, tag=prompt)
+    eng = self._engine
+    if eng is not None and not self._waiting and len(ids) + max_new <= eng.length:
+      eng.submit(request)
+    else:  # no engine yet, or its slots are too short: wait for the next one (the current one drains)
+      self._waiting.append(request)
+
+  def _new_engine(self) -> engine_lib.Engine:
+    s, buckets = self.settings, decode.Buckets()
+    longest = max(self._waiting, key=lambda r: len(r.prompt) + r.max_new_tokens)
+    P = buckets.prompt(math.ceil(len(longest.prompt) * HEADROOM))
+    N = buckets.new_tokens(max(r.max_new_tokens for r in self._waiting))
+    what = f"window {getattr(longest.tag, 'qid', '?')}[{getattr(longest.tag, 'start', '?')}:" \
+           f"{getattr(longest.tag, 'end', '?')}] ({len(longest.prompt)} prompt tokens, {longest.max_new_tokens} new)"
+    plan = engine_lib.plan(self.model, length=P + N, prompt_len=P, mesh=self.mesh, slots=s.batch_size,
+                           num_slots=max(self.concurrency or 0, len(self._waiting)), steps=decode.STEPS_PER_CALL,
+                           what=what)
+    self._account({"budget_bytes": plan.estimate.limit, "slots": plan.slots, "prefill_group": plan.prefill_group,
+                   "prefill_chunk": plan.chunk, "slot_length": plan.length, "estimate_bytes": plan.estimate.total,
+                   "engines": 1})
+    sampling = Sampling(s.temperature, 0, s.top_p)
+    return engine_lib.Engine(self.model, slots=plan.slots, max_length=plan.length, mesh=self.mesh, sampling=sampling,
+                             steps_per_call=decode.STEPS_PER_CALL, prefill_group=plan.prefill_group,
+                             prefill_chunk=plan.chunk, leave_early=True if self.eager else None)
+
+  def poll(self) -> list[tuple[Any, loop.Completion]]:
+    """Decodes until at least one pending window is answered; [] when none is pending."""
+    t0 = time.perf_counter()
+    out = []
+    while not out:
+      eng = self._engine
+      if self._waiting and (eng is None or eng.idle()):
+        self.close()
+        eng = self._engine = self._new_engine()
+        for r in self._waiting:
+          eng.submit(r)
+        self._waiting = []
+      if eng is None or eng.idle():
+        break
+      for res in eng.step():
+        text = self.tokenizer.decode(res.tokens, skip_special_tokens=True)
+        out.append((res.request.tag, loop.Completion(text, len(res.request.prompt), len(res.tokens),
+                                                     res.finish_reason)))
+    self.generate_seconds += time.perf_counter() - t0
+    return out
+
+  def complete(self, prompts: Sequence[str]) -> list[loop.Completion]:
+    """Every prompt answered (lockstep rounds, full-list): all queued at once on the kept engine."""
+    for i, p in enumerate(prompts):
+      self.submit(p, (0, i))
+    self.calls += 1
+    answers: dict[int, loop.Completion] = {}
+    index = {id(p): i for i, p in enumerate(prompts)}
+    while len(answers) < len(prompts):
+      got = self.poll()
+      if not got:
+        raise RuntimeError(f"the engine answered {len(answers)} of {len(prompts)} prompts")
+      answers.update((index[id(p)], c) for p, c in got)
+    return [answers[i] for i in range(len(prompts))]
+
+  # ---------------------------------------------------------------- Rank1
 
   def _generate(self, ids, **kw) -> decode.Generation:
     s = self.settings
     kw = {"temperature": s.temperature, "top_p": s.top_p, "stop_ids": self.tokenizer.stop_ids, **kw}
     t0 = time.perf_counter()
-    # A new seed per call, so sampled rounds do not replay one random stream.
-    gen = decode.generate(self.model, ids, seed=s.seed + self.calls, mesh=self.mesh, batch_size=s.batch_size, **kw)
+    # A new seed per call, so sampled rounds do not replay one random stream. Without a batch size, the slots
+    # and prefill group are the most the memory budget holds.
+    gen = decode.generate(self.model, ids, seed=s.seed + self.calls, mesh=self.mesh,
+                          batch_size=s.batch_size or "auto", **kw)
     self.generate_seconds += time.perf_counter() - t0
     self.calls += 1
+    self._account(gen.engine or {})
     return gen
 
   def _answer_budget(self, n: int) -> int:
     """Upstream's rank_GPT (plain) budget: exactly the tokens of `[1] > [2] > ... > [n]`."""
     return len(self.tokenizer.encode(" > ".join(f"[{i + 1}]" for i in range(n))))
 
-  def complete(self, prompts: Sequence[str]) -> list[loop.Completion]:
-    s = self.settings
-    ids = self.tokenizer.encode_batch(list(prompts))
-    groups: dict[tuple[int, int], list[int]] = collections.defaultdict(list)
-    for i, p in enumerate(prompts):
-      if s.prompt_mode == "plain":
-        n = getattr(p, "end", 0) - getattr(p, "start", 0) or s.window
-        budget = self._answer_budget(n)
-        groups[(budget, budget)].append(i)
-      else:
-        groups[(s.max_new_tokens, s.min_new_tokens)].append(i)
-    out: list[loop.Completion | None] = [None] * len(prompts)
-    for (max_new, min_new), rows in groups.items():
-      gen = self._generate([ids[i] for i in rows], max_new_tokens=max_new, min_new_tokens=min_new)
-      for r, i in enumerate(rows):
-        text = self.tokenizer.decode(gen.tokens[r], skip_special_tokens=True)
-        out[i] = loop.Completion(text, len(ids[i]), gen.lengths[r], gen.finish_reasons[r])
-    return out
-
   def score(self, prompts: Sequence[str]) -> list[loop.PointwiseScore]:
     """Rank1: reason, then score the token after `</think>` restricted to true/false."""
     s = self.settings
     true_id, false_id = rank1_label_ids(self.tokenizer)
     ids = self.tokenizer.encode_batch(list(prompts))
-    gen = self._generate(ids, max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens)
+    if self.budget is not None:  # scripted chain lengths (benchmarks): stop ids off
+      n = [int(self.budget(p)) for p in prompts]
+      gen = self._generate(ids, max_new_tokens=n, min_new_tokens=n, stop_ids=())
+    else:
+      gen = self._generate(ids, max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens)
     reasoning = [rank1_reasoning(self.tokenizer.decode(t, skip_special_tokens=True)) for t in gen.tokens]
     # One forward pass over prompt + reasoning + `</think>`: the last position's logits are the label's.
     full = [p + self.tokenizer.encode(text) for p, (text, _) in zip(ids, reasoning)]

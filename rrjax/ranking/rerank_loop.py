@@ -8,12 +8,17 @@ Pointwise mode takes `score(prompts) -> PointwiseScore`s over Rank1 prompts.
 Lockstep (upstream `sliding_windows_batched`): round k sends the k-th window of every query in one
 `complete` call; each window's permutation is applied before that query's next window is built. A query
 with fewer candidates gets upstream's clamped windows and sits out the rounds it has no window for.
+
+Async (`rerank_listwise_async`): a state machine per query over a `Completer` (submit / poll). As soon as a
+query's window is answered, its permutation is applied and its next window is queued, ahead of queries not
+started yet (most windows left first), so decode slots stay full and queries finish early. Every window
+depends only on its own query's previous one, so under greedy decoding both schedules give the same run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from rrjax.ranking.parse import parse_permutation_with_source
 from rrjax.ranking.pointwise import rank1_passage, rank1_prompt
@@ -21,6 +26,7 @@ from rrjax.ranking.prompt import build_prompt
 from rrjax.ranking.window import apply_permutation, full_list_window, sliding_windows
 
 RERANK_MODES = ("listwise", "full", "pointwise")
+SCHEDULES = ("async", "lockstep")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +140,89 @@ def rerank_listwise(queries: Sequence[Query], complete: Callable[[list[WindowPro
                                out.finish_reason, source))
     if progress is not None:
       progress(len(active))
+  return [Ranked(q.qid, tuple(s), tuple(log)) for q, s, log in zip(queries, states, logs)]
+
+
+class Completer(Protocol):
+  """The model side of the async schedule. `submit(prompt, priority)` queues a prompt (smaller priorities
+  first); `poll()` returns the (prompt, answer) pairs finished since the last call (answers are strings or
+  Completions), waiting for at least one while any prompt is pending."""
+
+  def submit(self, prompt: WindowPrompt, priority: Any) -> None: ...
+
+  def poll(self) -> list[tuple[WindowPrompt, str | Completion]]: ...
+
+
+class BatchCompleter:
+  """A Completer over a `complete(prompts)` callable: each poll answers every pending prompt in one call
+  (in priority order), so the async loop can drive scripted completions."""
+
+  def __init__(self, complete: Callable[[list[WindowPrompt]], Sequence[str | Completion]]):
+    self.complete, self.pending, self.calls = complete, [], []
+
+  def submit(self, prompt: WindowPrompt, priority: Any) -> None:
+    self.pending.append((priority, len(self.pending), prompt))
+
+  def poll(self) -> list[tuple[WindowPrompt, str | Completion]]:
+    prompts = [p for _, _, p in sorted(self.pending, key=lambda e: (e[0], e[1]))]
+    self.pending = []
+    if not prompts:
+      return []
+    outs = list(self.complete(prompts))
+    if len(outs) != len(prompts):
+      raise ValueError(f"complete() returned {len(outs)} answers for {len(prompts)} prompts")
+    self.calls.append(len(prompts))
+    return list(zip(prompts, outs))
+
+
+def rerank_listwise_async(queries: Sequence[Query], completer: Completer, tokenizer, *, window: int = 20,
+                          stride: int = 10, top_k: int = 100, max_passage_tokens: int | None = 512,
+                          prompt_mode: str = "reasoning", full_list: bool = False,
+                          progress: Callable[[int], None] | None = None) -> list[Ranked]:
+  """The windows of rerank_listwise, each query advancing on its own (see the module docstring): a query's
+  next window is queued the moment its previous one is answered, before queries not started yet, most
+  windows left first. `progress(1)` is called per answered window."""
+  if top_k <= 0:
+    raise ValueError(f"top_k must be positive, got {top_k}")
+  states = [list(q.candidates[:top_k]) for q in queries]
+  plans = [full_list_window(len(s)) if full_list else sliding_windows(len(s), window, stride) for s in states]
+  logs: list[list[WindowLog]] = [[] for _ in queries]
+  done = [0] * len(queries)
+  owner: dict[int, int] = {}  # id(prompt) -> query index
+
+  def submit(i: int) -> None:
+    start, end = plans[i][done[i]]
+    docs = states[i][start:end]
+    text = build_prompt(queries[i].text, [c.doc for c in docs], tokenizer, max_passage_tokens=max_passage_tokens,
+                        mode=prompt_mode)
+    prompt = WindowPrompt(text, qid=queries[i].qid, start=start, end=end, docids=[c.docid for c in docs])
+    owner[id(prompt)] = i
+    left = len(plans[i]) - done[i]
+    completer.submit(prompt, (0 if done[i] else 1, -left, i))  # continuing queries first, most windows left
+
+  pending = 0
+  for i, plan in enumerate(plans):
+    if plan:
+      submit(i)
+      pending += 1
+  while pending:
+    answered = completer.poll()
+    if not answered:
+      raise ValueError(f"the completer returned nothing with {pending} prompts pending")
+    for prompt, out in answered:
+      i = owner.pop(id(prompt))
+      out = _completion(out)
+      perm, source = parse_permutation_with_source(out.text, prompt.end - prompt.start)
+      states[i] = apply_permutation(states[i], prompt.start, prompt.end, perm)
+      logs[i].append(WindowLog(prompt.start, prompt.end, out.prompt_tokens, out.generated_tokens, out.finish_reason,
+                               source))
+      done[i] += 1
+      pending -= 1
+      if done[i] < len(plans[i]):
+        submit(i)
+        pending += 1
+      if progress is not None:
+        progress(1)
   return [Ranked(q.qid, tuple(s), tuple(log)) for q, s, log in zip(queries, states, logs)]
 
 

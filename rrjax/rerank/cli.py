@@ -1,7 +1,10 @@
 """`python -m rrjax.rerank --model M --run R --queries Q --corpus C --out OUT.trec`: rerank a first-stage run.
 
-Modes: `listwise` (ReasonRank: top-100, windows of 20, stride 10, back to front, every query's k-th window
-in one batch), `full` (one prompt over all top-k passages) and `pointwise` (Rank1). Settings come from
+Modes: `listwise` (ReasonRank: top-100, windows of 20, stride 10, back to front; `--schedule async` starts a
+query's next window as soon as its last one ends, `lockstep` runs every query's k-th window together, the
+same run under greedy decoding), `full` (one prompt over all top-k passages) and `pointwise` (Rank1), all
+on the engine (rrjax.engine), with the model on a (data, fsdp, tensor) mesh of the local devices
+(`--mesh D,F,T`; by default replicas when it fits one device, else tensor parallelism). Settings come from
 upstream's defaults, then `--gin_file`/`--gin_param` (`RerankSettings.window = 20`, see configs/rerank/),
 then flags. With a RankGPT json as --corpus, --run and --queries default to that file's. `--dataset
 bright:TASK|beir|msmarco --data_dir D` reads a benchmark in its published layout (rrjax.data.benchmarks:
@@ -10,7 +13,7 @@ read and checked before the model loads; bad input is one stderr line naming the
 and nothing written. The run (OUT.trec) and a report (OUT.json: settings, per-query windows, tokens, parser
 fallbacks, throughput, metrics against --qrels) are written atomically at the end.
 
-Several hosts: each reranks every `process_count`-th query with its own model replica on its local devices,
+Several hosts: each reranks every `process_count`-th query with its own model on its local devices,
 the rankings meet through a collective (no shared filesystem needed), and process 0 writes one run.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
@@ -31,6 +35,7 @@ from rrjax.ranking.prompt import PROMPT_MODES
 from rrjax.rerank import report as report_lib
 from rrjax.rerank.runner import rerank
 from rrjax.rerank.settings import FIELDS, RerankSettings
+from rrjax.sharding import MeshConfig
 
 
 def _settings_fields(**kwargs):
@@ -39,6 +44,8 @@ def _settings_fields(**kwargs):
 
 # gin collects the bindings as keyword arguments, so an unknown field gets our message, not gin's.
 _GIN_SETTINGS = gin.external_configurable(_settings_fields, name="RerankSettings")
+# `RerankSettings.mesh = @MeshConfig()` (the training configs' MeshConfig; registering it again is a no-op).
+gin.external_configurable(MeshConfig, module="rrjax")
 
 
 def settings_from_gin(files: Sequence[str] = (), params: Sequence[str] = (),
@@ -60,6 +67,16 @@ def _positive(text: str) -> int:
   if value <= 0:
     raise argparse.ArgumentTypeError(f"must be positive, got {value}")
   return value
+
+
+def _mesh(text: str) -> MeshConfig:
+  try:
+    sizes = [int(x) for x in text.split(",")]
+  except ValueError:
+    sizes = []
+  if len(sizes) != 3:
+    raise argparse.ArgumentTypeError(f"expected D,F,T (data, fsdp, tensor; -1 = the rest), got {text!r}")
+  return MeshConfig(*sizes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
   flags.add_argument("--max-passage-tokens", type=int)
   flags.add_argument("--max-new-tokens", type=_positive)
   flags.add_argument("--min-new-tokens", type=int)
-  flags.add_argument("--batch-size", type=_positive, help="rows per decode call (default: a whole round)")
+  flags.add_argument("--batch-size", type=_positive, help="decode slots (default: as many as memory holds)")
+  flags.add_argument("--schedule", choices=loop.SCHEDULES, help="async (default): a query's next window starts "
+                     "as soon as its last one ends; lockstep: every query's k-th window together")
+  flags.add_argument("--mesh", type=_mesh, help="D,F,T: a (data, fsdp, tensor) mesh over this process's devices "
+                     "(default: replicas when the model fits one device, else tensor parallelism)")
   flags.add_argument("--temperature", type=float)
   flags.add_argument("--top-p", type=float)
   flags.add_argument("--seed", type=int)
@@ -134,9 +155,40 @@ def rerank_across_processes(queries: Sequence, rerank_queries: Callable[[list], 
   return {q: dict(merged[q]) for q in order}
 
 
-def main(argv: Sequence[str] | None = None, *, model=None, tokenizer=None) -> int:
-  """The CLI; `model` and `tokenizer`, when given, are used instead of loading --model (rrjax.bright reranks
-  every task with one model)."""
+def local_mesh(model_path, config: MeshConfig | None, dtype: str | None):
+  """The (data, fsdp, tensor) mesh over this process's devices: `config`'s (its first D*F*T devices when it
+  names sizes), or the default for the model's size (rrjax.engine.memory.inference_mesh)."""
+  import jax
+
+  from rrjax import hardware, sharding
+  from rrjax.checkpoints import load_config
+  from rrjax.engine import memory
+
+  devices = jax.local_devices()
+  if config is None:
+    arch = load_config(model_path)
+    config = memory.inference_mesh(arch, devices, dtype or hardware.default_dtype())
+  sizes = (config.data, config.fsdp, config.tensor)
+  if -1 not in sizes:
+    if math.prod(sizes) > len(devices):
+      raise ValueError(f"--mesh {','.join(map(str, sizes))} needs {math.prod(sizes)} devices; this process has "
+                       f"{len(devices)}")
+    devices = devices[:math.prod(sizes)]
+  return sharding.make_mesh(config, devices)
+
+
+def load_model(args: argparse.Namespace, settings: RerankSettings):
+  """(model, tokenizer, mesh): --model loaded straight onto this process's mesh."""
+  from rrjax import tokenizer as tokenizer_lib
+  from rrjax.checkpoints import from_pretrained
+
+  mesh = local_mesh(args.model, settings.mesh, args.dtype)
+  return from_pretrained(args.model, dtype=args.dtype, mesh=mesh), tokenizer_lib.load(args.model), mesh
+
+
+def main(argv: Sequence[str] | None = None, *, loaded=None) -> int:
+  """The CLI; `loaded` (what `load_model` returns), when given, is used instead of loading --model
+  (rrjax.bright reranks every task with one model)."""
   args = build_parser().parse_args(argv)
   settings = resolve_settings(args)
   report_lib.report_path(args.out)  # a bad --out fails before any work
@@ -147,21 +199,19 @@ def main(argv: Sequence[str] | None = None, *, model=None, tokenizer=None) -> in
     print(f"rrjax.rerank: skipped {inputs.sources['run_lines_skipped']} run lines that are not 6 fields "
           f"(docids with spaces), as upstream does: {dataset.run}", file=sys.stderr)
 
-  from rrjax import tokenizer as tokenizer_lib
-  from rrjax.checkpoints import from_pretrained
-
   distributed.initialize_from_args(args)
-  # One model per process on its own devices: with several hosts, each reranks its share of the queries.
-  model = model if model is not None else from_pretrained(args.model, dtype=args.dtype)
-  tokenizer = tokenizer if tokenizer is not None else tokenizer_lib.load(args.model)
+  # One model per process on its local devices (loaded straight onto its mesh): with several hosts, each
+  # reranks its share of the queries.
+  model, tokenizer, mesh = loaded if loaded is not None else load_model(args, settings)
   outputs = []
 
   def rerank_share(queries):
-    outputs.append(rerank(queries, model, tokenizer, settings, progress=not args.no_progress))
+    outputs.append(rerank(queries, model, tokenizer, settings, mesh=mesh, progress=not args.no_progress))
     return loop.to_run(outputs[-1].ranked)
 
   reranked = rerank_across_processes(inputs.queries, rerank_share)
-  extra = {"model": str(args.model), "gin_files": list(args.gin_file), "gin_params": list(args.gin_param)}
+  extra = {"model": str(args.model), "gin_files": list(args.gin_file), "gin_params": list(args.gin_param),
+           "mesh": dict(zip(mesh.axis_names, map(int, mesh.axis_sizes)))}
   sources = {**inputs.sources, "qrels": ", ".join(dataset.qrels) if dataset.qrels else None}
   own = report_lib.build_report(settings, outputs[0], sources=sources, extra=extra)
   report = report_lib.merge_reports(distributed.allgather_json(own))

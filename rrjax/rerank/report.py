@@ -46,14 +46,19 @@ def build_report(settings: RerankSettings, out: RerankOutput, *, sources: Mappin
     generated_tokens += entry["generated_tokens"]
     per_query[r.qid] = entry
   n = len(out.ranked)
-  totals = {"queries": n, "prompts" if settings.mode == "pointwise" else "windows": steps,
-            "prompt_tokens": prompt_tokens, "generated_tokens": generated_tokens,
+  unit = "prompts" if settings.mode == "pointwise" else "windows"
+  engine = out.engine
+  totals = {"queries": n, unit: steps, "prompt_tokens": prompt_tokens, "generated_tokens": generated_tokens,
             "wall_seconds": out.wall_seconds, "generate_seconds": out.generate_seconds,
+            "prefill_seconds": engine.get("prefill_seconds"), "decode_seconds": engine.get("decode_seconds"),
+            "occupancy": engine.get("occupancy"),
             "tokens_per_second": generated_tokens / out.generate_seconds if out.generate_seconds else None,
             "queries_per_second": n / out.wall_seconds if out.wall_seconds else None,
+            f"{unit}_per_second": steps / out.wall_seconds if out.wall_seconds else None,
+            "schedule": settings.schedule if settings.mode != "pointwise" else None,
             "parsers" if settings.mode != "pointwise" else "sources": dict(parsers)}
   report = {"settings": dataclasses.asdict(settings), **(extra or {}), "inputs": dict(sources or {}),
-            "totals": totals}
+            "totals": totals, "engine": dict(out.engine)}
   if metrics is not None:
     report["metrics"] = dict(metrics)
   report["queries"] = per_query
@@ -64,19 +69,28 @@ def merge_reports(reports: Sequence[dict]) -> dict:
   """One report from the per-process reports of a multi-host run (a single report is returned as is)."""
   if len(reports) == 1:
     return reports[0]
-  merged = {**reports[0], "queries": {q: e for r in reports for q, e in r["queries"].items()}}
+  merged = {**reports[0], "queries": {q: e for r in reports for q, e in r["queries"].items()},
+            "engine": {"per_process": [r.get("engine", {}) for r in reports]}}
   totals = dict(reports[0]["totals"])
   for key in ("queries", "windows", "prompts", "prompt_tokens", "generated_tokens"):
     if key in totals:
       totals[key] = sum(r["totals"][key] for r in reports)
-  for key in ("wall_seconds", "generate_seconds"):
-    totals[key] = max(r["totals"][key] for r in reports)
+  for key in ("wall_seconds", "generate_seconds", "prefill_seconds", "decode_seconds"):
+    values = [r["totals"].get(key) for r in reports if r["totals"].get(key) is not None]
+    totals[key] = max(values) if values else None
+  steps = [r.get("engine", {}) for r in reports]
+  slot_steps = sum(e.get("slot_steps", 0) for e in steps)
+  totals["occupancy"] = sum(e.get("live_slot_steps", 0) for e in steps) / slot_steps if slot_steps else None
   counts = collections.Counter()
   for r in reports:
     counts.update(r["totals"].get("parsers") or r["totals"].get("sources") or {})
   totals["parsers" if "parsers" in totals else "sources"] = dict(counts)
-  totals["tokens_per_second"] = totals["generated_tokens"] / totals["generate_seconds"] if totals["generate_seconds"] else None
-  totals["queries_per_second"] = totals["queries"] / totals["wall_seconds"] if totals["wall_seconds"] else None
+  wall, generate = totals["wall_seconds"], totals["generate_seconds"]
+  totals["tokens_per_second"] = totals["generated_tokens"] / generate if generate else None
+  totals["queries_per_second"] = totals["queries"] / wall if wall else None
+  for unit in ("windows", "prompts"):
+    if unit in totals:
+      totals[f"{unit}_per_second"] = totals[unit] / wall if wall else None
   totals["processes"] = len(reports)
   merged["totals"] = totals
   return merged

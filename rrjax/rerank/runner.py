@@ -18,15 +18,18 @@ class RerankOutput:
   ranked: list[loop.Ranked]
   wall_seconds: float
   generate_seconds: float
+  engine: dict = dataclasses.field(default_factory=dict)  # ModelBackend.engine: shapes, budget, counters
 
 
 def rerank(queries: Sequence[loop.Query], model, tokenizer, settings: RerankSettings = RerankSettings(), *,
-           mesh=None, progress: bool = False) -> RerankOutput:
-  """Reranks `queries` with `model` in the settings' mode; a tqdm bar (stderr) over windows when asked."""
+           mesh=None, progress: bool = False, budget=None) -> RerankOutput:
+  """Reranks `queries` with `model` in the settings' mode and schedule; a tqdm bar (stderr) over windows as
+  they are answered, when asked. `budget(prompt)` scripts generated lengths (see ModelBackend)."""
   from tqdm import tqdm
 
   s = settings
-  backend = ModelBackend(model, tokenizer, s, mesh=mesh)
+  backend = ModelBackend(model, tokenizer, s, mesh=mesh, eager=s.schedule == "async", budget=budget,
+                         concurrency=len(queries))
   t0 = time.perf_counter()
   if s.mode == "pointwise":
     total = sum(min(len(q.candidates), s.top_k) for q in queries)
@@ -40,9 +43,13 @@ def rerank(queries: Sequence[loop.Query], model, tokenizer, settings: RerankSett
     total = loop.count_windows([len(q.candidates) for q in queries], window=s.window, stride=s.stride,
                                top_k=s.top_k, full_list=full)
     bar = tqdm(total=total, desc="windows", unit="window", file=sys.stderr, disable=not progress)
+    kw = dict(window=s.window, stride=s.stride, top_k=s.top_k, max_passage_tokens=s.max_passage_tokens,
+              prompt_mode=s.prompt_mode, full_list=full, progress=bar.update)
     with bar:
-      ranked = loop.rerank_listwise(queries, backend.complete, tokenizer, window=s.window, stride=s.stride,
-                                    top_k=s.top_k, max_passage_tokens=s.max_passage_tokens,
-                                    prompt_mode=s.prompt_mode, full_list=full, progress=bar.update)
-  return RerankOutput(ranked, time.perf_counter() - t0, backend.generate_seconds)
+      if s.schedule == "async":
+        ranked = loop.rerank_listwise_async(queries, backend, tokenizer, **kw)
+      else:
+        ranked = loop.rerank_listwise(queries, backend.complete, tokenizer, **kw)
+  backend.close()
+  return RerankOutput(ranked, time.perf_counter() - t0, backend.generate_seconds, dict(backend.engine))
 

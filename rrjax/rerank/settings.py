@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from rrjax.ranking.prompt import PROMPT_MODES
-from rrjax.ranking.rerank_loop import RERANK_MODES
+from rrjax.ranking.rerank_loop import RERANK_MODES, SCHEDULES
+from rrjax.sharding import MeshConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -13,23 +14,31 @@ class RerankSettings:
   """Reranking settings; the defaults are upstream's (run_rank_llm.sh, rank_listwise_os_llm.py)."""
 
   mode: str = "listwise"  # listwise | full | pointwise
+  # async: each query's next window is queued as soon as its last one is answered; lockstep: upstream's
+  # rounds (every query's k-th window together). Under greedy decoding both give the same run.
+  schedule: str = "async"
   top_k: int = 100  # candidates reranked per query (upstream retrieval_num); the rest are dropped
   window: int = 20
   stride: int = 10
   max_passage_tokens: int = 512  # 512 on BRIGHT, 100 on BEIR/DL (upstream DOC_MAXLEN)
   max_new_tokens: int = 3172  # reasoning_maxlen 3072 + 100
   min_new_tokens: int = 0
-  batch_size: int | None = None  # rows per decode call; None: every prompt of a round in one call
+  batch_size: int | None = None  # decode slots; None: as many as the memory budget holds
   temperature: float = 0.0
   top_p: float = 1.0
   seed: int = 0
   prompt_mode: str = "reasoning"  # reasoning (rank_GPT_reasoning) | plain (rank_GPT)
   max_queries: int | None = None  # only the run's first N queries
   tag: str = "rrjax"
+  # (data, fsdp, tensor) over this process's devices; None: one replica per device when the model fits one
+  # device, else tensor parallelism over the fewest devices that hold it (rrjax.engine.memory.inference_mesh).
+  mesh: MeshConfig | None = None
 
   def __post_init__(self):
     if self.mode not in RERANK_MODES:
       raise ValueError(f"mode must be one of {RERANK_MODES}, got {self.mode!r}")
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
     if self.prompt_mode not in PROMPT_MODES:
       raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {self.prompt_mode!r}")
     for name in ("top_k", "window", "stride", "max_new_tokens"):
@@ -45,6 +54,8 @@ class RerankSettings:
       raise ValueError(f"min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}")
     if self.temperature < 0 or not 0 < self.top_p <= 1:
       raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+    if self.mesh is not None and not isinstance(self.mesh, MeshConfig):
+      raise ValueError(f"mesh must be a MeshConfig (gin: @MeshConfig()) or None, got {self.mesh!r}")
     if not self.tag or any(c.isspace() for c in self.tag):
       raise ValueError(f"tag must be non-empty without whitespace: {self.tag!r}")
 

@@ -145,8 +145,9 @@ class GRPOTrainer:
     model = nnx.merge(self.lay.graphdef, state.params, state.frozen)
     prompts = [self.tokenizer.encode(r.prompt) for r in rows]
     rollout_prompts = [p for p in prompts for _ in range(g.rollouts_per_prompt)]
-    gen = decode.generate(model, rollout_prompts, max_new_tokens=g.max_response_tokens, temperature=g.temperature,
-                          top_k=g.top_k, top_p=g.top_p, seed=c.seed * 1_000_003 + step_no,
+    # One prefill per prompt into its G slots; the engine's cache is freed when generate returns, before the update.
+    gen = decode.generate(model, prompts, num_samples=g.rollouts_per_prompt, max_new_tokens=g.max_response_tokens,
+                          temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=c.seed * 1_000_003 + step_no,
                           stop_ids=self.tokenizer.stop_ids, mesh=self.mesh, batch_size=g.rollout_batch_size)
     texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in gen.tokens]
     per_rollout = [r for r in rows for _ in range(g.rollouts_per_prompt)]

@@ -1,0 +1,424 @@
+"""The engine's compiled programs: prefill (a group of prompts into slots), insert (a prefilled group's first
+tokens and slot state) and decode (up to K steps of every slot, leaving as soon as a row finishes).
+
+Each program is compiled ahead of time (`jit(...).lower(...).compile()`) once per shape key and kept; the
+count of compiles is `compilation_count()`. Shapes: B slots, S positions per slot, G prefill rows, P prompt
+positions (bucketed), C copies of a prompt (slots one prefill is inserted into), n = G * C, M stop ids per
+slot, K decode steps per call, V vocab.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rrjax import sampling
+from rrjax import sharding as sharding_lib
+from rrjax.model import attention as attention_lib
+from rrjax.model.qwen2 import KVCache, Qwen2Config, SlotCache
+
+_TRACES: collections.Counter = collections.Counter()
+
+
+def compilation_count() -> int:
+  """Engine programs compiled since the process started."""
+  return sum(_TRACES.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+  """Shape buckets: each size is rounded up to `minimum * 2**k * (1 + j / per_octave)`.
+
+  per_octave=1 gives powers of two; 2 adds the midpoints (…, 4096, 6144, 8192, …), which wastes at most a
+  third of the prompt slots instead of half, for twice as many programs.
+  """
+
+  min_batch: int = 1
+  min_prompt: int = 64
+  min_new_tokens: int = 32
+  prompt_per_octave: int = 2
+  batch_per_octave: int = 1
+  new_tokens_per_octave: int = 1
+
+  def batch(self, n: int, multiple: int = 1) -> int:
+    b = bucket(n, self.min_batch, self.batch_per_octave)
+    return -(-b // multiple) * multiple  # a whole number of rows per data shard
+
+  def prompt(self, n: int) -> int:
+    return bucket(n, self.min_prompt, self.prompt_per_octave)
+
+  def new_tokens(self, n: int) -> int:
+    return bucket(n, self.min_new_tokens, self.new_tokens_per_octave)
+
+
+def bucket(n: int, minimum: int, per_octave: int = 1) -> int:
+  """The smallest bucket >= n (see `Buckets`)."""
+  size = max(1, minimum)
+  while True:
+    for j in range(per_octave):
+      candidate = size + (size * j) // per_octave
+      if candidate >= n:
+        return candidate
+    size *= 2
+
+
+class SlotState(NamedTuple):
+  """What each slot decodes, on device. A slot holds `lengths` keys; `tokens` is its next input (sampled,
+  not yet in the cache), the `steps`-th token of its request."""
+
+  lengths_B: jax.Array
+  tokens_B: jax.Array
+  steps_B: jax.Array
+  budget_B: jax.Array  # the request's max_new_tokens
+  min_new_B: jax.Array
+  request_B: jax.Array  # the request (copy) id: sampling keys fold (seed, request, token index)
+  seed_B: jax.Array
+  temperature_B: jax.Array
+  top_p_B: jax.Array
+  stops_BxM: jax.Array  # stop ids, padded with V (never a token)
+  active_B: jax.Array
+
+  @classmethod
+  def zeros(cls, slots: int, stop_slots: int, vocab: int) -> SlotState:
+    i = lambda: jnp.zeros((slots,), jnp.int32)
+    return cls(i(), i(), i(), i(), i(), i(), i(), jnp.zeros((slots,), jnp.float32), jnp.ones((slots,), jnp.float32),
+               jnp.full((slots, stop_slots), vocab, jnp.int32), jnp.zeros((slots,), bool))
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """What the programs of one engine share: the model, mesh, cache shape and layout, sampling structure."""
+
+  graphdef: object
+  config: Qwen2Config
+  mesh: Mesh | None
+  slots: int
+  length: int
+  cache_dtype: str
+  kernel: str  # attention.slot_kernel's choice for decode
+  sampling: tuple[bool, int, bool]  # Sampling.static_key(): (greedy, top_k, nucleus)
+  stop_slots: int = 8
+  steps: int = 64
+  return_logits: bool = False
+  cache_layout: str | None = None  # default: the kernel's (attention.slot_layout)
+
+  @property
+  def layout(self) -> str:
+    return self.cache_layout or attention_lib.slot_layout(self.kernel)
+
+
+# ---------------------------------------------------------------- shardings
+
+
+def _sizes(mesh):
+  return dict(zip(mesh.axis_names, mesh.axis_sizes))
+
+
+def named(mesh: Mesh, names, shape) -> NamedSharding:
+  return NamedSharding(mesh, sharding_lib.logical_spec(names, shape, _sizes(mesh)))
+
+
+def cache_shardings(spec: Spec) -> SlotCache:
+  c, mesh = spec.config, spec.mesh
+  L, K, H = c.num_layers, c.num_kv_heads, c.head_dim
+  if spec.layout == "paged":  # only whole (key, value) pairs per device
+    shape = (L, spec.slots, spec.length, 2 * K, H)
+    names = ("layers", "batch", "cache_length", "kv_heads" if K % _sizes(mesh).get("tensor", 1) == 0 else None,
+             "head_dim")
+    return SlotCache(named(mesh, names, shape), None)
+  shape = (L, spec.slots, spec.length, K, H)
+  axes = SlotCache.logical_axes()
+  return SlotCache(named(mesh, axes.k, shape), named(mesh, axes.v, shape))
+
+
+def _replicated(mesh):
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def zeros_cache(spec: Spec) -> SlotCache:
+  """The slot cache, allocated straight onto its shardings."""
+  make = lambda: SlotCache.zeros(spec.config, spec.slots, spec.length, spec.cache_dtype, spec.layout)
+  if spec.mesh is None:
+    return jax.jit(make)()
+  with jax.set_mesh(spec.mesh):
+    return jax.jit(make, out_shardings=cache_shardings(spec))()
+
+
+def zeros_state(spec: Spec) -> SlotState:
+  make = lambda: SlotState.zeros(spec.slots, spec.stop_slots, spec.config.vocab_size)
+  if spec.mesh is None:
+    return jax.jit(make)()
+  return jax.jit(make, out_shardings=_replicated(spec.mesh))()
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def _choose(spec: Spec, logits_BxV, state: SlotState, index_B):
+  """The next token of each row, with (seed, request, index) keys and stop ids banned before min_new."""
+  B, V = logits_BxV.shape
+  greedy, top_k, nucleus = spec.sampling
+  rows_Bx1 = jnp.arange(B)[:, None]
+  banned_BxV = jnp.zeros((B, V), bool).at[rows_Bx1, state.stops_BxM].set(True, mode="drop")
+  keys_B = sampling.request_keys(state.seed_B, state.request_B, index_B)
+  return sampling.select(logits_BxV, keys_B, temperature=state.temperature_B, top_p=state.top_p_B,
+                         banned_V=banned_BxV, ban_B=index_B < state.min_new_B, greedy=greedy, top_k=top_k,
+                         nucleus=nucleus)
+
+
+def _is_stop(tokens_B, stops_BxM):
+  return jnp.any(tokens_B[:, None] == stops_BxM, axis=-1)
+
+
+# ---------------------------------------------------------------- program bodies
+
+
+def prefill_fn(spec: Spec, rows: int, prompt: int, copies: int, chunk: int | None):
+  """(params, cache, tokens [G, P], lengths [G], dest [G, C]) -> (cache, logits [G, V]): prefills G
+  right-padded prompts and places each row's keys/values into slots dest[g, :] (ids >= B are skipped)."""
+  c = spec.config
+  trace_key = ("prefill", spec.slots, spec.length, rows, prompt, copies, chunk, spec.layout)
+
+  def prefill(params, cache: SlotCache, tokens_GxP, lengths_G, dest_GxC):
+    _TRACES[trace_key] += 1
+    model = nnx.merge(spec.graphdef, params)
+    G, P = tokens_GxP.shape
+    pos_P = jnp.arange(P, dtype=jnp.int32)
+    real_GxP = pos_P[None] < lengths_G[:, None]
+    if chunk is None or chunk >= P:
+      empty = KVCache.zeros(c, G, P, spec.cache_dtype)
+      hidden_GxPxD, prefix = model.hidden_states(tokens_GxP, jnp.broadcast_to(pos_P, (G, P)), real_GxP,
+                                                 cache=empty, fresh_cache=True, lengths_B=lengths_G)
+      last_GxD = jnp.take_along_axis(hidden_GxPxD, (lengths_G - 1)[:, None, None], axis=1)[:, 0]
+      k, v = prefix.k_LxBxSxKxH, prefix.v_LxBxSxKxH
+    else:
+      # Long prompts in chunks: each chunk attends to the keys before it (XLA scores [G, N, chunk, P]).
+      padded = -(-P // chunk) * chunk
+      tokens = jnp.pad(tokens_GxP, ((0, 0), (0, padded - P)))
+      prefix = SlotCache.zeros(c, G, padded, spec.cache_dtype)
+
+      def step(i, carry):
+        prefix, last_GxD = carry
+        start = i * chunk
+        part_GxT = jax.lax.dynamic_slice_in_dim(tokens, start, chunk, axis=1)
+        hidden_GxTxD, prefix = model.extend(part_GxT, prefix, jnp.full((G,), start, jnp.int32), kernel="xla")
+        at_G = lengths_G - 1 - start
+        here_G = (at_G >= 0) & (at_G < chunk)
+        row_GxD = jnp.take_along_axis(hidden_GxTxD, jnp.clip(at_G, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
+        return prefix, jnp.where(here_G[:, None], row_GxD, last_GxD)
+
+      last = jnp.zeros((G, c.hidden_size), c.dtype)
+      prefix, last_GxD = jax.lax.fori_loop(0, padded // chunk, step, (prefix, last))
+      k, v = prefix.k[:, :, :P], prefix.v[:, :, :P]
+    logits_GxV = model.logits(last_GxD[:, None])[:, 0]
+    # Padding positions get zeros: finite values, whatever the kernel made of them.
+    keep = real_GxP[None, :, :, None, None]
+    k = jnp.where(keep, k, 0).astype(cache.k.dtype)
+    v = jnp.where(keep, v, 0).astype(cache.k.dtype)
+    if spec.layout == "paged":
+      kv = jnp.stack([k, v], axis=-2).reshape(*k.shape[:3], 2 * k.shape[3], k.shape[4])
+      new_k = cache.k
+      for j in range(copies):
+        new_k = new_k.at[:, dest_GxC[:, j], :P].set(kv, mode="drop")
+      return SlotCache(new_k, None), logits_GxV
+    new_k, new_v = cache.k, cache.v
+    for j in range(copies):
+      new_k = new_k.at[:, dest_GxC[:, j], :P].set(k, mode="drop")
+      new_v = new_v.at[:, dest_GxC[:, j], :P].set(v, mode="drop")
+    return SlotCache(new_k, new_v), logits_GxV
+
+  return prefill
+
+
+def insert_fn(spec: Spec, rows: int, n: int):
+  """(state, logits [G, V], src [n], dest [n], prompt lengths [n], request [n], seed [n], temperature [n],
+  top_p [n], budget [n], min_new [n], stops [n, M]) -> (state, first tokens [n], logprobs [n], done [n]):
+  samples each inserted slot's first token from its prompt's logits and sets the slot up."""
+  trace_key = ("insert", spec.slots, rows, n, spec.stop_slots, spec.sampling)
+
+  def insert(state: SlotState, logits_GxV, src_n, dest_n, lengths_n, request_n, seed_n, temperature_n, top_p_n,
+             budget_n, min_new_n, stops_nxM):
+    _TRACES[trace_key] += 1
+    zeros_n = jnp.zeros_like(src_n)
+    new = SlotState(lengths_n, zeros_n, zeros_n, budget_n, min_new_n, request_n, seed_n, temperature_n, top_p_n,
+                    stops_nxM, jnp.ones_like(src_n, bool))
+    tok_n, lp_n = _choose(spec, logits_GxV[src_n], new, zeros_n)
+    done_n = _is_stop(tok_n, stops_nxM) | (budget_n <= 1)
+    new = new._replace(tokens_B=tok_n, steps_B=jnp.ones_like(src_n), active_B=~done_n)
+    state = SlotState(*(s.at[dest_n].set(x, mode="drop") for s, x in zip(state, new)))
+    return state, tok_n, lp_n, done_n
+
+  return insert
+
+
+def decode_fn(spec: Spec):
+  """(params, cache, state, limit, leave_early) -> (cache, state, tokens [B, K], logprobs [B, K],
+  logits [B, K, V] or None, emitted [B], finished [B], stopped [B]): up to `limit` (<= K) steps of every
+  active slot; with `leave_early`, the call returns after the step in which any row stops or reaches its
+  budget."""
+  c, B, K = spec.config, spec.slots, spec.steps
+  trace_key = ("decode", B, spec.length, K, spec.stop_slots, spec.sampling, spec.return_logits, spec.layout)
+
+  def decode(params, cache: SlotCache, state: SlotState, limit, leave_early):
+    _TRACES[trace_key] += 1
+    model = nnx.merge(spec.graphdef, params)
+    out_tokens = jnp.zeros((B, K), jnp.int32)
+    out_lp = jnp.zeros((B, K), jnp.float32)
+    out_logits = jnp.zeros((B, K, c.vocab_size), jnp.float32) if spec.return_logits else None
+    zeros_B = jnp.zeros((B,), bool)
+    carry = (cache, state, out_tokens, out_lp, out_logits, jnp.zeros((B,), jnp.int32), zeros_B, zeros_B,
+             jnp.int32(0))
+
+    def cond(carry):
+      state, finished_B, step = carry[1], carry[6], carry[8]
+      return (step < limit) & jnp.any(state.active_B) & ~(leave_early & jnp.any(finished_B))
+
+    def body(carry):
+      cache, state, out_tokens, out_lp, out_logits, emitted_B, finished_B, stopped_B, step = carry
+      live_B = state.active_B
+      hidden_Bx1xD, cache = model.extend(state.tokens_B[:, None], cache, state.lengths_B, kernel=spec.kernel)
+      logits_BxV = model.logits(hidden_Bx1xD)[:, 0]
+      tok_B, lp_B = _choose(spec, logits_BxV, state, state.steps_B)
+      out_tokens = jax.lax.dynamic_update_index_in_dim(out_tokens, jnp.where(live_B, tok_B, 0), step, 1)
+      out_lp = jax.lax.dynamic_update_index_in_dim(out_lp, jnp.where(live_B, lp_B, 0.0), step, 1)
+      if out_logits is not None:
+        out_logits = jax.lax.dynamic_update_index_in_dim(out_logits, logits_BxV, step, 1)
+      stop_B = live_B & _is_stop(tok_B, state.stops_BxM)
+      steps_B = state.steps_B + live_B
+      done_B = stop_B | (live_B & (steps_B >= state.budget_B))
+      state = state._replace(lengths_B=state.lengths_B + live_B, tokens_B=jnp.where(live_B, tok_B, state.tokens_B),
+                             steps_B=steps_B, active_B=state.active_B & ~done_B)
+      return (cache, state, out_tokens, out_lp, out_logits, emitted_B + live_B, finished_B | done_B,
+              stopped_B | stop_B, step + 1)
+
+    cache, state, out_tokens, out_lp, out_logits, emitted_B, finished_B, stopped_B, _ = jax.lax.while_loop(
+        cond, body, carry)
+    return cache, state, out_tokens, out_lp, out_logits, emitted_B, finished_B, stopped_B
+
+  return decode
+
+
+# ---------------------------------------------------------------- compiled programs
+
+
+def abstract(x, sharding=None):
+  """A ShapeDtypeStruct of `x` (an array or a ShapeDtypeStruct), on `sharding` or x's own."""
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or getattr(x, "sharding", None))
+
+
+class Programs:
+  """The compiled programs of one Spec, compiled ahead of time on first use (or by `compile_*`)."""
+
+  _CACHE: collections.OrderedDict = collections.OrderedDict()  # across engines: same spec, same programs
+  MAX = 64
+
+  def __init__(self, spec: Spec):
+    self.spec = spec
+
+  def _get(self, key, build, spec: Spec | None = None):
+    full = (spec or self.spec, key)
+    if full not in self._CACHE:
+      self._CACHE[full] = build()
+      while len(self._CACHE) > self.MAX:
+        self._CACHE.popitem(last=False)
+    self._CACHE.move_to_end(full)
+    return self._CACHE[full]
+
+  def _jit(self, fn, donate, out_shardings):
+    if self.spec.mesh is None:
+      return jax.jit(fn, donate_argnums=donate)
+    return jax.jit(fn, donate_argnums=donate, out_shardings=out_shardings)
+
+  def _compile(self, definition):
+    fn, args, donate, out = definition
+    jitted = self._jit(fn, donate, out)
+    if self.spec.mesh is None:
+      return jitted.lower(*args).compile()
+    with jax.set_mesh(self.spec.mesh):
+      return jitted.lower(*args).compile()
+
+  # -- abstract arguments (what warm-up and ahead-of-time builds lower with)
+
+  def _vec(self, n, dtype, *extra):
+    s = self.spec
+    sh = None if s.mesh is None else _replicated(s.mesh)
+    return jax.ShapeDtypeStruct((n, *extra), dtype, sharding=sh)
+
+  def abstract_cache(self) -> SlotCache:
+    s = self.spec
+    c = s.config
+    kv = (c.num_layers, s.slots, s.length, (2 if s.layout == "paged" else 1) * c.num_kv_heads, c.head_dim)
+    shardings = cache_shardings(s) if s.mesh is not None else SlotCache(None, None)
+    make = lambda sh: jax.ShapeDtypeStruct(kv, jnp.dtype(s.cache_dtype), sharding=sh)
+    return SlotCache(make(shardings.k), None if s.layout == "paged" else make(shardings.v))
+
+  def abstract_state(self) -> SlotState:
+    s = self.spec
+    B = s.slots
+    return SlotState(*(self._vec(B, jnp.int32) for _ in range(7)), self._vec(B, jnp.float32),
+                     self._vec(B, jnp.float32), self._vec(B, jnp.int32, s.stop_slots), self._vec(B, bool))
+
+  def _cache_out(self):
+    return None if self.spec.mesh is None else cache_shardings(self.spec)
+
+  def _prefill_definition(self, params, rows, prompt, copies, chunk):
+    s = self.spec
+    args = (jax.tree.map(abstract, params), self.abstract_cache(), self._vec(rows, jnp.int32, prompt),
+            self._vec(rows, jnp.int32), self._vec(rows, jnp.int32, copies))
+    out = None if s.mesh is None else (cache_shardings(s), _replicated(s.mesh))
+    return prefill_fn(s, rows, prompt, copies, chunk), args, (1,), out
+
+  def _insert_spec(self) -> Spec:
+    # Slot state and sampling only: the same program serves every cache length and kernel.
+    return dataclasses.replace(self.spec, length=0, kernel="xla", steps=0, return_logits=False)
+
+  def _insert_definition(self, rows, n):
+    s = self._insert_spec()
+    V, M = s.config.vocab_size, s.stop_slots
+    i32 = lambda: self._vec(n, jnp.int32)
+    args = (self.abstract_state(), self._vec(rows, jnp.float32, V), i32(), i32(), i32(), i32(), i32(),
+            self._vec(n, jnp.float32), self._vec(n, jnp.float32), i32(), i32(), self._vec(n, jnp.int32, M))
+    out = None if s.mesh is None else _replicated(s.mesh)
+    return insert_fn(s, rows, n), args, (0,), out
+
+  def _decode_definition(self, params):
+    s = self.spec
+    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=None if s.mesh is None else _replicated(s.mesh))
+    args = (jax.tree.map(abstract, params), self.abstract_cache(), self.abstract_state(), scalar(jnp.int32),
+            scalar(bool))
+    out = None
+    if s.mesh is not None:
+      r = _replicated(s.mesh)
+      out = (cache_shardings(s), r, r, r, None if not s.return_logits else r, r, r, r)
+    return decode_fn(s), args, (1, 2), out
+
+  def prefill(self, params, rows: int, prompt: int, copies: int = 1, chunk: int | None = None):
+    """The compiled prefill of G=`rows` prompts of P=`prompt` positions; `params` may be abstract."""
+    return self._get(("prefill", rows, prompt, copies, chunk),
+                     lambda: self._compile(self._prefill_definition(params, rows, prompt, copies, chunk)))
+
+  def insert(self, rows: int, n: int):
+    return self._get(("insert", rows, n), lambda: self._compile(self._insert_definition(rows, n)),
+                     self._insert_spec())
+
+  def decode(self, params):
+    return self._get(("decode",), lambda: self._compile(self._decode_definition(params)))
+
+  def jitted(self, params, rows: int, prompt: int, copies: int = 1, chunk: int | None = None):
+    """[(name, jitted program, abstract arguments)] of prefill, insert and decode, for ahead-of-time builds
+    elsewhere (`program.lower(*arguments).compile()` under the mesh builds what the engine runs). The
+    prefill takes (params, tokens, lengths, dest, cache): the prompt tokens second."""
+    prefill_body, args, _, shardings = self._prefill_definition(params, rows, prompt, copies, chunk)
+    params_, cache, tokens, lengths, dest = args
+    prefill = self._jit(lambda p, t, n, d, c: prefill_body(p, c, t, n, d), (4,), shardings)
+    out = [("prefill", prefill, (params_, tokens, lengths, dest, cache))]
+    for name, (fn, args, donate, sh) in (("insert", self._insert_definition(rows, rows * copies)),
+                                          ("decode", self._decode_definition(params))):
+      out.append((name, self._jit(fn, donate, sh), args))
+    return out
