@@ -14,6 +14,7 @@ slots, V vocab.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
 from typing import Sequence
@@ -375,6 +376,46 @@ def generate(model: Qwen2, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
   return Generation(tokens=[r[0] for r in rows], logprobs=[r[1] for r in rows], lengths=[r[2] for r in rows],
                     finish_reasons=[r[3] for r in rows],
                     logits=[r[4] for r in rows] if return_logits else None)
+
+
+def programs(model: Qwen2, num_prompts: int, prompt_len: int, *, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = (), mesh: Mesh | None = None,
+             batch_size: int | None = None, buckets: Buckets = Buckets(), cache_dtype: str | None = None,
+             return_logits: bool = False) -> list[tuple[str, object, tuple]]:
+  """The hook for ahead-of-time builds (rrjax.preflight): `[(name, jitted program, abstract arguments)]` of
+  the programs `generate` runs for `num_prompts` prompts of up to `prompt_len` tokens with these settings,
+  bucketed as `generate` buckets them. `model` may be abstract (ShapeDtypeStruct leaves on their shardings).
+  `program.lower(*arguments).compile()` builds exactly what `generate` would run; nothing is allocated."""
+  config: Qwen2Config = model.config
+  settings = sampling.Sampling(float(temperature), int(top_k), float(top_p))
+  stop_ids = tuple(sorted({int(s) for s in stop_ids}))
+  cache_dtype = str(jnp.dtype(cache_dtype or default_cache_dtype(config)))
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  if mesh is not None:
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params,
+                          sharding_lib.state_shardings(state, mesh))
+  B = buckets.batch(min(batch_size or num_prompts, num_prompts), _data_shards(mesh))
+  P, N = buckets.prompt(prompt_len), buckets.new_tokens(max_new_tokens)
+  prefill, decode = _programs(graphdef, config, mesh, B, P, N, cache_dtype, stop_ids, settings.static_key(),
+                              return_logits)
+
+  def arg(shape, dtype, names=None):
+    sharding = _named(mesh, names, shape) if mesh is not None and names else None
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+  rows = lambda dtype: arg((B, P), dtype, ("batch", "length"))
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    cache, _ = jax.eval_shape(prefill, params, rows(jnp.int32), rows(jnp.int32), rows(jnp.int32))
+  if mesh is not None:
+    cache = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), cache,
+                         _cache_shardings(mesh, config, B, P + N))
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  scalars = (key, arg((), jnp.float32), arg((), jnp.float32), arg((), jnp.int32), arg((), jnp.int32))
+  per_row = lambda dtype: arg((B,), dtype, ("batch",))
+  return [("rollout_prefill", prefill, (params, rows(jnp.int32), rows(jnp.int32), rows(jnp.int32))),
+          ("rollout_decode", decode, (params, cache, arg((B, config.vocab_size), jnp.float32, ("batch", "vocab")),
+                                      per_row(jnp.int32), per_row(jnp.bool_), per_row(jnp.int32), *scalars))]
 
 
 def _generate_batch(graphdef, params, model, config, prompts, row_ids, settings, max_new_tokens,

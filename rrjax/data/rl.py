@@ -59,6 +59,7 @@ class RLRow:
   index: int = 0
   split: str = "train"
   messages: tuple[tuple[str, str], ...] = ()  # (role, content) the prompt renders from; parquet needs it
+  where: str = dataclasses.field(default="", compare=False)  # "file:line" (or "file:row i") it was read from
 
 
 def render_prompt(messages: Iterable[Mapping[str, str]], tokenizer) -> str:
@@ -210,7 +211,7 @@ def from_record(record: Any, path: PathLike, where, tokenizer) -> RLRow:
         raise TrecFormatError(path, where, f"field {name!r}: wrong type {type(value).__name__}")
       meta[name] = str(value) if name == "qid" else value
   return RLRow(prompt=prompt, gold_ranking=gold, initial_list=initial, final_list=final, relevant_docids=relevant,
-               messages=messages, **meta)
+               messages=messages, where=f"{path}:{where}", **meta)
 
 
 def read_rl_jsonl(path: PathLike, *, tokenizer=None) -> Iterator[RLRow]:
