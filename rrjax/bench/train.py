@@ -42,6 +42,7 @@ def main(argv=None):
   p.add_argument("--chunk", type=int, default=TrainConfig.loss_chunk_tokens, help="loss positions per chunk")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--no-torch", action="store_true")
+  p.add_argument("--out", default=None, help="also write the result JSON here")
   args = p.parse_args(argv)
 
   dtype = args.dtype or hardware.default_dtype()
@@ -110,6 +111,9 @@ def main(argv=None):
                      "transformers_mfu": flops / t_torch / peak, "speedup_vs_transformers": t_torch / t_ours,
                      "torch_device": peer.device(), "torch_threads": torch.get_num_threads()})
   print(json.dumps({k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in result.items()}, indent=2))
+  if args.out:
+    from rrjax import fileio
+    fileio.write_text(args.out, json.dumps(result) + "\n")
   return result
 
 

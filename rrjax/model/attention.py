@@ -31,7 +31,8 @@ def gpu_kernel_stand_in():
   """Inside, attention that resolves to cuDNN is built as "chunked" instead: for ahead-of-time compiles of a
   GPU program on CPU devices (rrjax.preflight cpu:N), where cuDNN cannot be compiled. Chunked attention's
   scratch (one block of scores) is an upper bound on the fused kernel's; its inputs, outputs and the
-  activations around it are the same."""
+  activations around it are the same, and it takes the [B, 1, T, S] bias that `_attend_cudnn` builds from
+  the mask (cuDNN is given a dense mask), so that buffer is counted too."""
   token = _STAND_IN.set(True)
   try:
     yield
@@ -75,7 +76,8 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: Mask, *, impl: str = "auto"):
   """Scaled dot-product attention with grouped kv heads; returns [B, T, N, H] in q's dtype."""
   impl = resolve(impl, q_BxTxNxH, mask)
   if impl == "cudnn" and _STAND_IN.get():
-    impl = "chunked"
+    bias_Bx1xTxS = jnp.where(mask.dense_BxTxS(), 0.0, _MASKED).astype(jnp.bfloat16)[:, None]
+    return _attend_chunked(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, bias_Bx1xTxS=bias_Bx1xTxS)
   if impl == "xla":
     return _attend_xla(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask)
   if impl == "chunked":
@@ -89,24 +91,27 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: Mask, *, impl: str = "auto"):
   raise ValueError(f"attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
 
 
-def _attend_xla(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: Mask):
+def _attend_xla(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: Mask, bias_Bx1xTxS=None):
   B, T, N, H = q_BxTxNxH.shape
   K = k_BxSxKxH.shape[2]
   q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, N // K, H)
   scores = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32)
   scores = scores * (H ** -0.5)
-  scores = jnp.where(mask.dense_BxTxS()[:, None, None], scores, _MASKED)
+  if bias_Bx1xTxS is not None:  # 0 where visible, a large negative number elsewhere (cuDNN's form of the mask)
+    scores = scores + bias_Bx1xTxS[:, :, None].astype(jnp.float32)
+  else:
+    scores = jnp.where(mask.dense_BxTxS()[:, None, None], scores, _MASKED)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
   out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
   return out.reshape(B, T, N, H)
 
 
-def _attend_chunked(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: Mask, block: int = CHUNK_QUERIES):
+def _attend_chunked(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: Mask, block: int = CHUNK_QUERIES, bias_Bx1xTxS=None):
   """xla attention for one block of queries at a time, under a scan whose body is rematerialised: the
   backward pass recomputes each block's scores instead of keeping T x S of them."""
   B, T, N, H = q_BxTxNxH.shape
   if T <= block:
-    return _attend_xla(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask)
+    return _attend_xla(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, bias_Bx1xTxS)
   nb = -(-T // block)
   pad = nb * block - T  # padded queries are segment 0: they see nothing real and are cut off below
   q_BxTpxNxH = jnp.pad(q_BxTxNxH, ((0, 0), (0, pad), (0, 0), (0, 0)))
@@ -115,14 +120,19 @@ def _attend_chunked(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: Mask, block: int = CH
   q_nxBxCxNxH = q_BxTpxNxH.reshape(B, nb, block, N, H).swapaxes(0, 1)
   seg_nxBxC = seg_BxTp.reshape(B, nb, block).swapaxes(0, 1)
   idx_nxC = idx_Tp.reshape(nb, block)
+  bias_nxBx1xCxS = None
+  if bias_Bx1xTxS is not None:
+    S = bias_Bx1xTxS.shape[-1]
+    bias_nxBx1xCxS = jnp.pad(bias_Bx1xTxS, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(
+        B, 1, nb, block, S).transpose(2, 0, 1, 3, 4)
 
   @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
   def one_block(_, xs):
-    q_BxCxNxH, seg_BxC, idx_C = xs
+    q_BxCxNxH, seg_BxC, idx_C, bias = xs
     block_mask = Mask(seg_BxC, mask.kv_segment_BxS, idx_C, mask.kv_index_S, mask.causal_only)
-    return None, _attend_xla(q_BxCxNxH, k_BxSxKxH, v_BxSxKxH, block_mask)
+    return None, _attend_xla(q_BxCxNxH, k_BxSxKxH, v_BxSxKxH, block_mask, bias)
 
-  _, out_nxBxCxNxH = jax.lax.scan(one_block, None, (q_nxBxCxNxH, seg_nxBxC, idx_nxC))
+  _, out_nxBxCxNxH = jax.lax.scan(one_block, None, (q_nxBxCxNxH, seg_nxBxC, idx_nxC, bias_nxBx1xCxS))
   return out_nxBxCxNxH.swapaxes(0, 1).reshape(B, nb * block, N, H)[:, :T]
 
 

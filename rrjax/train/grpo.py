@@ -323,10 +323,10 @@ class GRPOTrainer:
         abstract_model, self.n_rollouts, g.max_prompt_tokens, max_new_tokens=g.max_response_tokens,
         temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, stop_ids=self.tokenizer.stop_ids, mesh=self.mesh,
         batch_size=g.rollout_batch_size):
-      prompt_slots = args[1].shape[1]
-      out.append(preflight_lib.Program(name, fn, args, state_bytes["opt_state"] + ref_bytes,
-                                       attention_lib.kernel_for(cfg.attention, prompt_slots, cfg.dtype, cfg.head_dim)
-                                       if name == "rollout_prefill" else None))
+      prefill_kernel = None
+      if name == "rollout_prefill":  # the prompt attends to itself; decode steps use the cache path
+        prefill_kernel = attention_lib.kernel_for(cfg.attention, args[1].shape[1], cfg.dtype, cfg.head_dim)
+      out.append(preflight_lib.Program(name, fn, args, state_bytes["opt_state"] + ref_bytes, prefill_kernel))
     out.append(preflight_lib.Program(
         "logprob_pass", self._pass, (lay.abstract.params, lay.abstract.frozen, ref,
                                      self._abstract_batch(self.n_rollouts, P, R, update=False)),
