@@ -323,29 +323,21 @@ def test_micro_batched_update_equals_one_shot(loss_agg):
   assert abs(m0["loss"] - want) < 1e-5
 
 
-def test_grpo_step_recomputes_old_logprobs_and_logs_drift(tmp_path):
-  """One step: the no-gradient pass gives the old log-probs, so the first update's ratio is 1 (nothing
-  clipped); the rollout's log-probs are logged against them; a prompt over max_prompt_tokens is refused with
-  its file:line."""
-  from rrjax.train import state as state_lib
-  from rrjax.train.config import GRPOConfig, OptimizerConfig, TrainConfig
+def test_prompt_over_max_prompt_tokens_is_refused_with_its_line(tmp_path):
+  from rrjax.train.config import GRPOConfig, TrainConfig
   tok = F.small_tokenizer(tmp_path / "tok")
-  g = GRPOConfig(rollouts_per_prompt=4, max_response_tokens=8, max_prompt_tokens=96, kl_coef=0.001)
-  cfg, mesh, tx, lr, lay, state = _grpo_setup(g)
-  config = TrainConfig(trainer="grpo", model=cfg, batch_size=2, num_steps=2, grpo=g,
-                       optimizer=OptimizerConfig(lr=1e-3, warmup_ratio=0.0, schedule="constant"))
-  rows = [rl_data.RLRow(prompt=tok.apply_chat_template([{"role": "user", "content": r["instruction"]}]),
-                        gold_ranking="[1] > [2]", initial_list=("a", "b"), final_list=("a", "b"),
-                        relevant_docids=("a",), qid=str(i)) for i, r in enumerate(F.sft_rows(4))]
-  trainer = grpo.GRPOTrainer(config, mesh, cfg, tok, rows=rows)
-  trainer.bind(lay)
-  state = state_lib.init_state(Qwen2(cfg, rngs=nnx.Rngs(0)), trainer.tx, lay, 0)
-  state, metrics = trainer.step(state, next(trainer.data_iterator()))
-  assert metrics["clip_frac"] == 0 and abs(metrics["ppo_kl"]) < 1e-5
-  assert 0 <= metrics["rollout_probs_diff_mean"] <= metrics["rollout_probs_diff_max"] < 1e-3  # f32 on CPU
-  assert metrics["entropy"] > 0 and np.isfinite(metrics["loss"])
-  long = rows[0].__class__(**{**rows[0].__dict__, "prompt": " ".join(["passage"] * 200)})
-  rl_data.write_rl_jsonl(tmp_path / "rl.jsonl", rows[:2] + [long])
+  cfg, mesh = F.tiny_config(), sharding_mesh(2)
+  config = TrainConfig(trainer="grpo", model=cfg, batch_size=2, num_steps=2,
+                       grpo=GRPOConfig(rollouts_per_prompt=4, max_prompt_tokens=96))
+  rows = [rl_data.RLRow(prompt=p, gold_ranking="[1] > [2]", initial_list=("a", "b"), final_list=("a", "b"),
+                        relevant_docids=("a",), qid=str(i))
+          for i, p in enumerate(["cost 1", "cost 2", " ".join(["passage"] * 200)])]
+  rl_data.write_rl_jsonl(tmp_path / "rl.jsonl", rows)
   with pytest.raises(ValueError, match=r"rl\.jsonl:3: the prompt has \d+ tokens, more than "
                                        r"GRPOConfig.max_prompt_tokens=96"):
     grpo.GRPOTrainer(config, mesh, cfg, tok, rows=rl_data.read_rl(tmp_path / "rl.jsonl", tokenizer=tok))
+
+
+def sharding_mesh(data):
+  from rrjax import sharding
+  return sharding.make_mesh(sharding.MeshConfig(data=data), devices=jax.devices()[:data])

@@ -75,7 +75,8 @@ def test_sft_json_list_and_jsonl(files, tok, tmp_path):
                           "<|im_end|>\n<|im_start|>assistant\n")
   assert ex[0].target == SFT_ROWS[0]["output"]  # exactly, trailing space included
   assert ex[1].prompt.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")
-  assert "<|im_start|>user\nRank\nextra<|im_end|>" in ex[1].prompt
+  # ReasonRank's dataset_info maps no `input` column: LLaMA-Factory never appends it.
+  assert "<|im_start|>user\nRank<|im_end|>" in ex[1].prompt and "extra" not in ex[1].prompt
   assert ex[1].metadata["source"] == f"{files['sft']}:[1]"
   jsonl = tmp_path / "sft.jsonl"
   jsonl.write_text("".join(json.dumps(r) + "\n" for r in SFT_ROWS))

@@ -81,6 +81,15 @@ class GRPOConfig:
   # Longest prompt (tokens) a row may have; longer rows are refused where they are read (verl's
   # truncation='error'). The programs are compiled for this length, so it decides the memory a run needs.
   max_prompt_tokens: int = 20480
+  overlong_prompts: str = "error"  # 'error': refuse the row (file:line); 'drop': skip it and count it (verl's
+  #   filter_overlong_prompts, which ReasonRank's recipe turns on)
+  # Mini-batches as verl forms them: rollouts reordered so each data shard holds about the same number of
+  # tokens (verl's balance_batch, Karmarkar-Karp over prompt+response lengths), each shard's sequences then
+  # split into the updates in order. False: contiguous slices of the rollouts.
+  balance_batch: bool = True
+  # A non-finite gradient norm skips that update (verl: zero_grad, no optimizer step; the schedule advances);
+  # this many skipped in a row stop the run, naming the last good checkpoint.
+  max_consecutive_skips: int = 3
   rollout_batch_size: int | None = None  # rows per generate call (None: all rollouts at once)
 
 
@@ -113,6 +122,10 @@ class TrainConfig:
   # Positions of each sequence whose [chunk, vocab] logits exist at once in the loss (and GRPO's log-probs);
   # 0 = the whole sequence at once (the reference path: same values, [T, V] float32 in memory).
   loss_chunk_tokens: int = 1024
+  # SFT loss normalisation. 'per_device_token_mean': each data shard's rows (its grad_accum micro-batches) are
+  # normalised by that shard's own label count, then shards averaged: HF Trainer < 4.54 under DeepSpeed, what
+  # LLaMA-Factory ran for ReasonRank. 'global_token_mean': one token mean over the global batch.
+  loss_norm: str = "global_token_mean"
   preflight: bool = True  # compile every program before the first step; write preflight.json
   num_steps: int = 0
   num_epochs: int = 1

@@ -124,6 +124,27 @@ def _lora_off(params):
   return jax.tree.map(jnp.zeros_like, params)
 
 
+def weighted_terms(logp_BxR, mb, g: GRPOConfig):
+  """(loss, sums for the metrics) of rollouts whose per-token loss weights are mb["weights"] (`loss_weights`
+  of their mini-batch): the clipped surrogate plus kl_coef x k3 KL to mb["ref_logp"], each aggregated by the
+  weights. Summed over micro-batches it is the mini-batch's loss."""
+  pg, clipped, lower, ppo_kl = policy_terms(logp_BxR, mb["old_logp"], mb["adv"], clip_low=g.clip_ratio_low,
+                                            clip_high=g.clip_ratio_high, dual_clip=g.dual_clip)
+  w, m = mb["weights"], mb["mask"]
+  pg_loss = jnp.sum(w * pg)
+  kl = jnp.sum(w * low_var_kl(logp_BxR, mb["ref_logp"])) if g.kl_coef > 0 else jnp.float32(0.0)
+  aux = {"pg_loss": pg_loss, "kl": kl, "clip_frac": jnp.sum(m * clipped), "clip_frac_lower": jnp.sum(m * lower),
+         "ppo_kl": jnp.sum(m * ppo_kl), "tokens": jnp.sum(m)}
+  return pg_loss + g.kl_coef * kl, aux
+
+
+def minibatch_loss(logp_BxR, old_logp_BxR, ref_logp_BxR, adv_B, mask_BxR, g: GRPOConfig):
+  """The loss of one update's mini-batch from its log-probs (what `make_update` differentiates)."""
+  mb = {"old_logp": old_logp_BxR, "ref_logp": ref_logp_BxR, "adv": adv_B, "mask": mask_BxR,
+        "weights": loss_weights(mask_BxR, g.loss_agg)}
+  return weighted_terms(logp_BxR, mb, g)[0]
+
+
 def make_logprob_pass(graphdef, g: GRPOConfig, *, lora: bool, micro_rows: int, shards: int, chunk: int):
   """(params, frozen, ref_params, batch) -> {"old_logp", "ref_logp" (with a KL term), "entropy_sum"}: the
   no-gradient pass over every rollout, `micro_rows` sequences (all devices) at a time."""
@@ -165,14 +186,7 @@ def make_update(graphdef, tx, lr_schedule, g: GRPOConfig, *, micro_rows: int, sh
     model = nnx.merge(graphdef, params, frozen)
     R = mb["mask"].shape[1]
     logp, _ = response_logprobs(model, mb["tokens"], mb["segment_ids"], R, temperature=g.temperature, chunk=chunk)
-    pg, clipped, lower, ppo_kl = policy_terms(logp, mb["old_logp"], mb["adv"], clip_low=g.clip_ratio_low,
-                                              clip_high=g.clip_ratio_high, dual_clip=g.dual_clip)
-    w, m = mb["weights"], mb["mask"]
-    pg_loss = jnp.sum(w * pg)
-    kl = jnp.sum(w * low_var_kl(logp, mb["ref_logp"])) if g.kl_coef > 0 else jnp.float32(0.0)
-    aux = {"pg_loss": pg_loss, "kl": kl, "clip_frac": jnp.sum(m * clipped), "clip_frac_lower": jnp.sum(m * lower),
-           "ppo_kl": jnp.sum(m * ppo_kl), "tokens": jnp.sum(m)}
-    return pg_loss + g.kl_coef * kl, aux
+    return weighted_terms(logp, mb, g)
 
   def update(state: TrainState, mb):
     mb = dict(mb, weights=loss_weights(mb["mask"], g.loss_agg))
@@ -182,10 +196,18 @@ def make_update(graphdef, tx, lr_schedule, g: GRPOConfig, *, micro_rows: int, sh
     micro = micro_batches(mb, steps, shards if steps > 1 else 1)
     loss, aux, grads = scan_gradients(lambda p, x: terms(p, state.frozen, x), state.params, micro)
     tokens = jnp.maximum(aux.pop("tokens"), 1.0)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state.step),
+    grad_norm = optax.tree.norm(grads)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(state.step),
                "pg_loss": aux["pg_loss"], "kl": aux["kl"], "clip_frac": aux["clip_frac"] / tokens,
                "clip_frac_lower": aux["clip_frac_lower"] / tokens, "ppo_kl": aux["ppo_kl"] / tokens}
-    return apply_gradients(state, grads, tx), metrics
+    # verl's optimizer step: a non-finite gradient norm zeroes the gradient and takes no step (the parameters
+    # and the optimizer state stay); the learning-rate schedule still advances.
+    ok = jnp.isfinite(grad_norm)
+    new = apply_gradients(state, grads, tx)
+    keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(ok, x, y), a, b)
+    metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
+    return TrainState(new.step, keep(new.params, state.params), new.frozen, keep(new.opt_state, state.opt_state),
+                      new.rng), metrics
 
   return update
 
@@ -197,12 +219,86 @@ def shape_bucket(n: int, cap: int) -> int:
   return min(decode.bucket(max(n, 1), 256, 2), cap)
 
 
+def balanced_partitions(seqlens: Sequence[int], k: int) -> list[list[int]]:
+  """verl 0.4's get_seqlen_balanced_partitions(seqlens, k, equal_size=True) (utils/seqlen_balancing.py):
+  Karmarkar-Karp's largest differencing into k partitions of equal count; each partition's indices sorted."""
+  import heapq
+
+  if len(seqlens) % k:
+    raise ValueError(f"{len(seqlens)} sequences do not split into {k} equal partitions")
+
+  class _Set:
+    def __init__(self):
+      self.sum, self.items = 0, []
+
+    def add(self, idx, val):
+      self.items.append((idx, val))
+      self.sum += val
+
+    def merge(self, other):
+      for idx, val in other.items:
+        self.add(idx, val)
+
+    def __lt__(self, other):
+      if self.sum != other.sum:
+        return self.sum < other.sum
+      if len(self.items) != len(other.items):
+        return len(self.items) < len(other.items)
+      return self.items < other.items
+
+  class _State:
+    def __init__(self, items):
+      self.sets = [_Set() for _ in range(k)]
+      for i, (idx, val) in enumerate(items):
+        self.sets[i].add(idx, val)
+      self.sets = sorted(self.sets, reverse=True)
+
+    def merge(self, other):
+      for i in range(k):
+        self.sets[i].merge(other.sets[k - 1 - i])
+      self.sets = sorted(self.sets, reverse=True)
+
+    @property
+    def spread(self):
+      return self.sets[0].sum - self.sets[-1].sum
+
+    def __lt__(self, other):  # a min-heap that pops the largest spread first
+      if self.spread != other.spread:
+        return self.spread > other.spread
+      return self.sets[0] > other.sets[0]
+
+  ordered = sorted((int(n), i) for i, n in enumerate(seqlens))
+  heap = []
+  for offset in range(0, len(ordered), k):
+    heapq.heappush(heap, _State([(idx, n) for n, idx in ordered[offset:offset + k]]))
+  while len(heap) > 1:
+    first, second = heapq.heappop(heap), heapq.heappop(heap)
+    first.merge(second)
+    heapq.heappush(heap, first)
+  return [sorted(idx for idx, _ in s.items) for s in heap[0].sets]
+
+
+def minibatch_rows(seqlens: Sequence[int], shards: int, updates: int, balance: bool) -> list[np.ndarray]:
+  """The rollout indices of each update's mini-batch, in device order (shard r's rows are block r). With
+  `balance`, verl's layout: shard r holds balanced partition r, split into the updates in order; else the
+  rollouts in contiguous slices."""
+  n = len(seqlens)
+  size = n // updates
+  if not balance:
+    return [np.arange(m * size, (m + 1) * size) for m in range(updates)]
+  parts = balanced_partitions(seqlens, shards)
+  per = size // shards
+  return [np.concatenate([np.asarray(p[m * per:(m + 1) * per]) for p in parts]) for m in range(updates)]
+
+
 # ---------------------------------------------------------------- the trainer
 
 
 class GRPOTrainer:
   """GRPO for the shared loop (rrjax.train.loop.run). `TrainConfig.batch_size` is prompts per step.
   `compile_only` builds what preflight needs and reads no rows."""
+
+  skips_non_finite = True  # a non-finite update is skipped here (and counted), not a reason for the loop to stop
 
   def __init__(self, config: TrainConfig, mesh: Mesh, model_cfg: Qwen2Config, tokenizer: tokenizer_lib.Tokenizer, *,
                rows=None, compile_only: bool = False):
@@ -212,6 +308,8 @@ class GRPOTrainer:
     self.compile_only = compile_only
     if g.loss_agg not in LOSS_AGG:
       raise ValueError(f"GRPOConfig.loss_agg: {g.loss_agg!r} is not one of {LOSS_AGG}")
+    if g.overlong_prompts not in ("error", "drop"):
+      raise ValueError(f"GRPOConfig.overlong_prompts: {g.overlong_prompts!r} is not 'error' or 'drop'")
     self.shards = mesh.shape["data"] * mesh.shape["fsdp"]
     self.micro_rows = g.micro_batch_size * self.shards
     self.n_rollouts = n = config.batch_size * g.rollouts_per_prompt
@@ -230,6 +328,7 @@ class GRPOTrainer:
     self.tx, self.lr_schedule = optim.make_optimizer(config.optimizer, self.total_steps * g.updates_per_step)
     self.lora = bool(config.lora.rank)
     self.ref_params = None
+    self.consecutive_skips = 0
     self.batch_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     self._executables: dict[tuple, object] = {}
 
@@ -241,12 +340,23 @@ class GRPOTrainer:
       rows = [r for f in c.rl_data.train_files for r in rl_data.read_rl(f, tokenizer=self.tokenizer)]
     if not rows:
       raise ValueError("GRPO: no RL rows")
-    self.rows = list(rows)
-    self.prompt_ids = self.tokenizer.encode_batch([r.prompt for r in self.rows])
-    for r, ids in zip(self.rows, self.prompt_ids):
-      if len(ids) > g.max_prompt_tokens:
+    rows = list(rows)
+    ids_all = self.tokenizer.encode_batch([r.prompt for r in rows])
+    self.rows, self.prompt_ids, self.dropped_overlong = [], [], 0
+    for r, ids in zip(rows, ids_all):
+      if len(ids) <= g.max_prompt_tokens:
+        self.rows.append(r)
+        self.prompt_ids.append(ids)
+      elif g.overlong_prompts == "drop":
+        self.dropped_overlong += 1
+      else:
         raise ValueError(f"{r.where or 'RL row ' + (r.qid or '?')}: the prompt has {len(ids)} tokens, more than "
                          f"GRPOConfig.max_prompt_tokens={g.max_prompt_tokens}")
+    if self.dropped_overlong:
+      print(f"rrjax.train: dropped {self.dropped_overlong} of {len(rows)} RL rows whose prompts are longer than "
+            f"GRPOConfig.max_prompt_tokens={g.max_prompt_tokens}", flush=True)
+    if not self.rows:
+      raise ValueError(f"GRPO: every RL row's prompt is longer than GRPOConfig.max_prompt_tokens={g.max_prompt_tokens}")
     per_epoch = len(self.rows) // c.batch_size
     self.total_steps = c.num_steps if c.num_steps > 0 else per_epoch * c.num_epochs
     if self.total_steps <= 0:
@@ -373,17 +483,16 @@ class GRPOTrainer:
       batch["ref_logp"] = np.asarray(passed["ref_logp"], np.float32)
     mask = batch["mask"] > 0
     drift = np.abs(np.exp(batch["old_logp"]) - np.exp(rollout_logp))[mask]
-    n_mini = g.updates_per_step
-    size = self.n_rollouts // n_mini
-    metrics_sum: dict[str, float] = {}
+    seqlens = batch["segment_ids"].sum(axis=1)
+    per_update = []
     with jax.set_mesh(self.mesh):
       update = self._executable("update", P, R)
-      for m in range(n_mini):
-        state, metrics = update(state, put({k: v[m * size:(m + 1) * size] for k, v in batch.items()}))
-        for k, v in jax.device_get(metrics).items():
-          metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) / n_mini
+      for rows_m in minibatch_rows(seqlens, self.shards, g.updates_per_step, g.balance_batch):
+        state, metrics = update(state, put({k: v[rows_m] for k, v in batch.items()}))
+        per_update.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+    out = self._update_metrics(per_update)
     lengths = np.asarray(gen.lengths, np.float32)
-    out = {**metrics_sum, "entropy": float(passed["entropy"]),
+    out = {**out, "entropy": float(passed["entropy"]),
            "rollout_probs_diff_mean": float(drift.mean()) if drift.size else 0.0,
            "rollout_probs_diff_max": float(drift.max()) if drift.size else 0.0,
            "reward_mean": float(rewards.reward.mean()), "reward_std": float(rewards.reward.std()),
@@ -394,6 +503,22 @@ class GRPOTrainer:
     return state, out
 
   # -- internals
+
+  def _update_metrics(self, per_update: list[dict[str, float]]) -> dict[str, float]:
+    """Means over the applied updates (a skipped one's loss is not finite); counts the skipped ones and stops
+    the run after GRPOConfig.max_consecutive_skips in a row."""
+    applied = [m for m in per_update if not m["skipped"]]
+    for m in per_update:
+      self.consecutive_skips = self.consecutive_skips + 1 if m["skipped"] else 0
+      if self.consecutive_skips >= self.grpo.max_consecutive_skips:
+        from rrjax.train.loop import TrainingDiverged
+        raise TrainingDiverged(f"{self.consecutive_skips} updates in a row had a non-finite gradient norm "
+                               f"(GRPOConfig.max_consecutive_skips={self.grpo.max_consecutive_skips})")
+    keys = [k for k in per_update[0] if k not in ("skipped", "lr")]
+    out = {k: float(np.mean([m[k] for m in applied])) if applied else float("nan") for k in keys}
+    out["lr"] = float(np.mean([m["lr"] for m in per_update]))  # the schedule advances either way
+    out["skipped_updates"] = float(len(per_update) - len(applied))
+    return out
 
   def _sequences(self, prompts: Sequence[list[int]], gen: decode.Generation, adv_N: np.ndarray):
     """verl's layout: each prompt left-padded to P slots, its response right-padded to R slots (P, R from

@@ -89,6 +89,12 @@ def _throughput(trainer: Trainer, metrics: dict[str, float]) -> dict[str, float]
   return out
 
 
+def _last_good(ckpt: checkpoint_lib.Checkpointer) -> str:
+  ckpt.wait()
+  good = ckpt.steps()
+  return f"the last good checkpoint is step {good[-1] if good else 'none'} in {ckpt.directory}"
+
+
 def _finite(metrics: dict[str, float]) -> bool:
   return all(math.isfinite(v) for k, v in metrics.items() if k in ("loss", "grad_norm"))
 
@@ -137,16 +143,17 @@ def run(config: TrainConfig, make_trainer: MakeTrainer, *, operative_config: str
         total = step
         break
       t0 = time.perf_counter()
-      new_state, metrics = trainer.step(state, batch)
+      try:
+        new_state, metrics = trainer.step(state, batch)
+      except TrainingDiverged as e:
+        raise TrainingDiverged(f"step {step + 1}: {e}; stopped, {_last_good(ckpt)}") from None
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       metrics["step_time_s"] = time.perf_counter() - t0
       metrics.update(_throughput(trainer, metrics))
-      if not _finite(metrics):
-        ckpt.wait()
-        good = ckpt.steps()
+      if not getattr(trainer, "skips_non_finite", False) and not _finite(metrics):
         raise TrainingDiverged(
             f"step {step + 1}: loss {metrics.get('loss')} grad_norm {metrics.get('grad_norm')} is not finite; "
-            f"stopped, the last good checkpoint is step {good[-1] if good else 'none'} in {ckpt.directory}")
+            f"stopped, {_last_good(ckpt)}")
       state = new_state
       if (step + 1) % config.log_every == 0 or step + 1 == total:
         logger.log(step + 1, metrics, total_steps=total)

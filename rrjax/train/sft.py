@@ -1,8 +1,11 @@
 """Supervised fine-tuning on ReasonRank reasoning chains (upstream: LLaMA-Factory, full or LoRA).
 
-Loss: the token mean of the next-token cross-entropy over response tokens only, across the whole global
-batch (all gradient-accumulation micro-batches together), as LLaMA-Factory computes it. Log-probs come a
-chunk of positions at a time (rrjax.train.logprobs): [T, V] logits never exist whole.
+Loss: the next-token cross-entropy over response tokens only, normalised by `TrainConfig.loss_norm`: the
+token mean over the whole global batch ('global_token_mean'), or, as LLaMA-Factory ran under HF Trainer
+< 4.54 and DeepSpeed, each data shard's token mean over its own grad_accum micro-batches, averaged over the
+shards ('per_device_token_mean'). Either is a per-token weight computed from the batch's label counts, so the
+micro-batches only sum. Log-probs come a chunk of positions at a time (rrjax.train.logprobs): [T, V] logits
+never exist whole.
 """
 
 from __future__ import annotations
@@ -30,21 +33,42 @@ from rrjax.train.state import TrainState, apply_gradients, micro_batches, scan_g
 BATCH_AXES = ("data", "fsdp")
 
 
+LOSS_NORMS = ("global_token_mean", "per_device_token_mean")
+
+
 def token_nll_sums(model, batch, chunk_tokens: int = 0):
   """(sum of masked next-token NLL, number of masked tokens) for one micro-batch; log-probs `chunk_tokens`
-  positions at a time (0: the whole sequence at once)."""
+  positions at a time (0: the whole sequence at once). A "row_scale" [B] in the batch weights each row's sum."""
   hidden_BxTxD, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
   targets_BxT, weights_BxT = pipeline.next_token_targets(batch, xp=jnp)
   logp_BxT, _ = logprobs.token_logprobs(model, hidden_BxTxD, targets_BxT, chunk=chunk_tokens)
   weights_BxT = weights_BxT.astype(jnp.float32)
-  return -jnp.sum(logp_BxT * weights_BxT), jnp.sum(weights_BxT)
+  scaled_BxT = weights_BxT * batch["row_scale"][:, None] if "row_scale" in batch else weights_BxT
+  return -jnp.sum(logp_BxT * scaled_BxT), jnp.sum(weights_BxT)
+
+
+def row_scales(batch, loss_norm: str, shards: int):
+  """[N] factors that turn summed per-row NLL into the normalised loss: 1 / (all label tokens), or
+  1 / (shards x the label tokens of the row's shard: its contiguous block of N / shards rows)."""
+  _, weights_NxT = pipeline.next_token_targets(batch, xp=jnp)
+  per_row = jnp.sum(weights_NxT.astype(jnp.float32), axis=1)
+  if loss_norm == "global_token_mean":
+    return jnp.full(per_row.shape, 1.0 / jnp.maximum(jnp.sum(per_row), 1.0))
+  if loss_norm == "per_device_token_mean":
+    per_shard = jnp.sum(per_row.reshape(shards, -1), axis=1, keepdims=True)
+    return jnp.broadcast_to(1.0 / (jnp.maximum(per_shard, 1.0) * shards), (shards, per_row.shape[0] // shards)
+                            ).reshape(-1)
+  raise ValueError(f"TrainConfig.loss_norm: {loss_norm!r} is not one of {LOSS_NORMS}")
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, micro_rows: int | None = None, *,
-                    shards: int = 1, chunk_tokens: int = 0, loss_sums=token_nll_sums):
+                    shards: int = 1, chunk_tokens: int = 0, loss_norm: str = "global_token_mean",
+                    loss_sums=token_nll_sums):
   """A pure step: (state, batch of [N, T] arrays) -> (state, metrics). The batch is split into micro-batches
   of `micro_rows` rows (None: one), each of the `shards` data shards feeding every micro-batch from its own
-  rows; gradients of the summed loss are accumulated and divided once by the total token count."""
+  rows; per-row weights (`row_scales`) make the accumulated gradient that of the normalised loss."""
+  if loss_norm not in LOSS_NORMS:
+    raise ValueError(f"TrainConfig.loss_norm: {loss_norm!r} is not one of {LOSS_NORMS}")
 
   def sums(params, frozen, micro):
     total, count = loss_sums(nnx.merge(graphdef, params, frozen), micro, chunk_tokens)
@@ -53,11 +77,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, mic
   def step(state: TrainState, batch: dict[str, jax.Array]):
     rows = batch["tokens"].shape[0]
     steps = rows // (micro_rows or rows)
+    batch = dict(batch, row_scale=row_scales(batch, loss_norm, shards))
     micro = micro_batches(batch, steps, shards if steps > 1 else 1)
-    loss_sum, aux, grads = scan_gradients(lambda p, mb: sums(p, state.frozen, mb), state.params, micro)
-    denom = jnp.maximum(aux["count"], 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
-    metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state.step),
+    loss, aux, grads = scan_gradients(lambda p, mb: sums(p, state.frozen, mb), state.params, micro)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state.step),
                "tokens": aux["count"]}
     return apply_gradients(state, grads, tx), metrics
 
@@ -141,7 +164,7 @@ class SFTTrainer:
     """Receives the state layout (graphdef and shardings) from the loop before the first step."""
     self.lay = lay
     step = make_train_step(lay.graphdef, self.tx, self.lr_schedule, self.micro_rows, shards=self.shards,
-                           chunk_tokens=self.config.loss_chunk_tokens)
+                           chunk_tokens=self.config.loss_chunk_tokens, loss_norm=self.config.loss_norm)
     self._step = jax.jit(step, in_shardings=(lay.shardings, self.batch_sharding),
                          out_shardings=(lay.shardings, None), donate_argnums=(0,))
 
