@@ -13,6 +13,8 @@ USER_ERRORS = (ValueError, OSError)
 def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,
         prog: str | None = None) -> None:
   prog = prog or os.path.basename(sys.argv[0])
+  from rrjax import hardware
+  hardware.skip_absent_tpu()  # before any device is touched: quiet CPU runs with libtpu installed
   try:
     code = main(argv)
   except USER_ERRORS as e:

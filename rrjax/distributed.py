@@ -60,6 +60,15 @@ def _device_ids(value) -> list[int] | None:
   return [int(v) for v in value]
 
 
+def _worker_hostnames() -> str | None:
+  """TPU_WORKER_HOSTNAMES when it holds host names; None when unset or when it holds the warning text that
+  libtpu's probe leaves there on a machine without TPUs ("WARNING: could not determine ...")."""
+  hosts = _env("TPU_WORKER_HOSTNAMES")
+  if hosts is None or any(c.isspace() for c in hosts.strip()) or hosts.lstrip().upper().startswith("WARNING"):
+    return None
+  return hosts
+
+
 def _on_cloud_tpu_vm() -> bool:
   try:  # set by `import jax` when libtpu and TPU chips are present
     from jax._src import cloud_tpu_init
@@ -67,11 +76,11 @@ def _on_cloud_tpu_vm() -> bool:
       return True
   except ImportError:
     pass
-  return bool(_env("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
+  return bool(_worker_hostnames() or _env("MEGASCALE_COORDINATOR_ADDRESS"))
 
 
 def _tpu_is_multihost() -> bool:
-  hosts = _env("TPU_WORKER_HOSTNAMES")
+  hosts = _worker_hostnames()
   if hosts is not None and len([h for h in hosts.split(",") if h.strip()]) > 1:
     return True
   if (_int(_env("MEGASCALE_NUM_SLICES"), "MEGASCALE_NUM_SLICES") or 1) > 1:

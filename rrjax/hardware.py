@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import importlib.util
 import os
 import time
 
@@ -23,6 +24,26 @@ PEAK_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "L4": 0.3e12,
 PEAK_FLOPS_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
                    "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
                    "TPU v6": 918e12}
+
+
+# HBM per chip (GiB), by device_kind substring (longest names first where one contains another).
+HBM_GIB = {"H200": 141, "H100": 80, "A100": 80, "L4": 24, "TPU v4": 32, "TPU v5 lite": 16, "TPU v5e": 16,
+           "TPU v5p": 95, "TPU v5": 95, "TPU v6 lite": 32, "TPU v6e": 32, "TPU v6": 32, "TPU7x": 192}
+
+
+def device_memory_bytes(device) -> int | None:
+  """A device's memory: what its runtime reports (bytes_limit), else the published HBM of its kind (devices of
+  a compile-only TPU topology report nothing), else None."""
+  try:
+    stats = device.memory_stats()
+  except Exception:  # compile-only devices and some backends raise instead of returning None
+    stats = None
+  if stats and "bytes_limit" in stats:
+    return int(stats["bytes_limit"])
+  for kind, gib in HBM_GIB.items():
+    if kind.lower() in device.device_kind.lower():
+      return gib * 2**30
+  return None
 
 
 _TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("rrjax_target_platform", default=None)
@@ -59,17 +80,31 @@ def host_available_bytes() -> int:
 
 
 def device_memory_limit(devices) -> int | None:
-  """The smallest `bytes_limit` among `devices`, or None where a device reports none (CPU)."""
-  limits = []
-  for d in devices:
-    try:
-      stats = d.memory_stats()
-    except Exception:  # some backends raise instead of returning None
-      stats = None
-    if not stats or "bytes_limit" not in stats:
-      return None
-    limits.append(int(stats["bytes_limit"]))
-  return min(limits) if limits else None
+  """The smallest memory among `devices` (see device_memory_bytes), or None where a device reports none (CPU)."""
+  sizes = [device_memory_bytes(d) for d in devices]
+  return None if not sizes or None in sizes else min(sizes)
+
+
+def skip_absent_tpu() -> bool:
+  """Keeps JAX from probing for a TPU that is not there; entry points call it before touching a device.
+
+  With libtpu installed (`rrjax[tpu]`, for ahead-of-time TPU compiles) and JAX_PLATFORMS unset, JAX loads
+  libtpu on its first device call and libtpu prints warnings on a machine without TPU chips. When this
+  machine has neither TPU chips nor an NVIDIA GPU, JAX is set to the CPU platform; TPU topologies
+  (`rrjax.preflight`) still load libtpu. Returns whether it changed anything.
+  """
+  if "JAX_PLATFORMS" in os.environ or jax.config.jax_platforms or importlib.util.find_spec("libtpu") is None:
+    return False
+  try:
+    from jax._src import hardware_utils, xla_bridge
+    if xla_bridge.backends_are_initialized() or hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0:
+      return False
+    if hardware_utils.has_visible_nvidia_gpu():
+      return False
+  except (ImportError, AttributeError, OSError):  # another jax version's internals: leave JAX to itself
+    return False
+  jax.config.update("jax_platforms", "cpu")
+  return True
 
 
 def default_dtype(platform_name: str | None = None) -> str:

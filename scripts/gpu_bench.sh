@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks in one go, under 8 minutes (the step limits below add up to 470 s): a machine with one NVIDIA
+# The GPU checks, each part under 8 minutes (inference: the step limits add up to 470 s; train: 420 s): a machine with one NVIDIA
 # GPU and jax[cuda] (0.11 or later), torch and transformers installed; grain and tensorflow_datasets are not
 # needed. Logs go to ${OUT:-runs/gpu_bench}; each step has its own time limit and a failure does not stop the
 # rest. What each step of the inference part measures:
@@ -13,7 +13,9 @@
 #   fidelity_7b      reference on the same weights: 0.5B (24 layers) and 7B widths (4 layers, per depth)
 #   rerank_7b        bench.rerank on the 7B shape at top-100, windows 20/10, scripted chains: listwise async vs
 #                    lockstep windows/s, and listwise vs Rank1 pointwise, at equal slots
-#   bash scripts/gpu_bench.sh [all|inference]
+#   train_7b_4l      a 7B-shaped SFT step (4 layers, bf16, cuDNN, remat full) at ReasonRank's 23,552 tokens:
+#                    measured peak_bytes_in_use next to preflight cpu:1's figure for the same program, and MFU
+#   bash scripts/gpu_bench.sh [all|inference|train]   (one part fits a 15-minute device budget; all does not)
 set -u
 what=${1:-all}
 out=${OUT:-runs/gpu_bench}
@@ -45,4 +47,31 @@ if [ "$what" = all ] || [ "$what" = inference ]; then
   step fidelity_0.5b 35 "$py" -m rrjax.bench.fidelity --preset 0.5b --attention xla,cudnn --json
   step fidelity_7b 55 "$py" -m rrjax.bench.fidelity --preset 7b --layers 4 --per-layer --attention xla,cudnn --json
   step rerank_7b 100 "$py" -m rrjax.bench.rerank --preset 7b --queries 8 --slots 8 --max-new-tokens 256 --json
+fi
+if [ "$what" = all ] || [ "$what" = train ]; then
+  # Qwen2.5-7B widths with 4 layers, f32 weights and AdamW, bf16 compute, cuDNN attention, remat 'full', the loss
+  # a 1,024-position chunk at a time: one 23,552-token sequence, as the 7B SFT recipe runs it per GPU.
+  step train_7b_4l_23552 240 "$py" -m rrjax.bench.train --preset 7b --layers 4 --batch 1 --seq 23552 \
+    --dtype bfloat16 --attention cudnn --remat full --chunk 1024 --repeats 2 --no-torch --out "$out/train_7b_4l.json"
+  # The same program compiled for one simulated device by preflight (cuDNN modelled by chunked attention).
+  step preflight_7b_4l 180 env JAX_PLATFORMS=cpu "$py" -m rrjax.preflight --gin_file configs/sft/reasonrank_7b.gin \
+    --gin_file configs/mesh/gpu_1.gin --gin_param "model_preset.num_layers = 4" --gin_param "TrainConfig.batch_size = 1" \
+    --gin_param "TrainConfig.grad_accum = 1" --gin_param "model_preset.attention = 'cudnn'" --topology cpu:1 --hbm 141 \
+    --json
+  "$py" - "$out" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+try:
+  bench = json.loads((out / "train_7b_4l.json").read_text())
+  rep = json.loads((out / "preflight_7b_4l.log").read_text().strip().splitlines()[-1])
+except (OSError, ValueError, IndexError) as e:
+  print(f"=== train memory comparison: missing input ({e})")
+else:
+  measured, predicted = bench.get("peak_bytes_in_use"), rep["peak_bytes"]
+  print(f"=== 7B-shaped SFT step (4 layers, 23,552 tokens): {bench['rrjax_tokens_per_s']:.0f} tokens/s, "
+        f"MFU {bench['rrjax_mfu']:.3f} on {bench['device']}; peak_bytes_in_use "
+        f"{(measured or 0) / 2**30:.2f} GiB, preflight cpu:1 {predicted / 2**30:.2f} GiB"
+        + (f" (measured / preflight = {measured / predicted:.3f})" if measured else ""))
+PY
 fi

@@ -177,8 +177,9 @@ def _grpo_params(d, run, **extra):
 
 @pytest.mark.slow
 def test_grpo_raises_mean_reward(rl_setup):
-  config, state = entry.run([GRPO_GIN], _grpo_params(rl_setup, "grpo", **{"TrainConfig.num_steps": 30, "OptimizerConfig.lr": 5e-4, "TrainConfig.batch_size": 8,
-                                                                           "CheckpointConfig.every_steps": 8}))
+  config, state = entry.run([GRPO_GIN], _grpo_params(rl_setup, "grpo", **{
+      "TrainConfig.num_steps": 30, "OptimizerConfig.lr": 5e-4, "TrainConfig.batch_size": 8,
+      "CheckpointConfig.every_steps": 8}))
   metrics = read_metrics(config.run_dir)
   assert [m["step"] for m in metrics] == list(range(1, 31))
   first = np.mean([m["reward_mean"] for m in metrics[:3]])
@@ -188,7 +189,9 @@ def test_grpo_raises_mean_reward(rl_setup):
   # The SFT policy ranks the relevant passage second (nDCG 0.63, reward 0.88); the best is 1.3.
   assert first < 0.95 and last > first + 0.07 and last_ndcg > first_ndcg + 0.05, (first, last, first_ndcg, last_ndcg)
   assert all(m["format_fail_rate"] < 0.5 for m in metrics)
-  assert {"kl", "clip_frac", "entropy", "response_length", "ndcg10", "pg_loss"} <= set(metrics[-1])
+  assert {"kl", "clip_frac", "entropy", "response_length", "ndcg10", "pg_loss", "rollout_probs_diff_mean",
+          "rollout_probs_diff_max"} <= set(metrics[-1])
+  assert (Path(config.run_dir) / "preflight.json").exists()
   assert int(state.step) == 30 * 2  # two optimizer updates per GRPO step
 
 
@@ -257,3 +260,84 @@ def test_lora_reference_is_the_frozen_base():
                              np.asarray(grpo.token_logprobs(base, tokens, segments)[0]), atol=1e-6)
   policy = nnx.merge(graphdef, trainable, nnx.to_pure_dict(frozen))
   assert not np.allclose(np.asarray(policy(tokens)), np.asarray(base(tokens)), atol=1e-3)
+
+
+# ---------------------------------------------------------------- the micro-batched update and the no-gradient pass
+
+
+def _grpo_setup(g, data=2):
+  from rrjax import sharding
+  from rrjax.train import optim, state as state_lib
+  from rrjax.train.config import OptimizerConfig
+  cfg = F.tiny_config(tie_word_embeddings=False)
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=data), devices=jax.devices()[:data])
+  tx, lr = optim.make_optimizer(OptimizerConfig(lr=1e-3, warmup_ratio=0.0, schedule="constant"), 10)
+  lay = state_lib.layout(lambda: Qwen2(cfg, rngs=nnx.Rngs(0)), tx, mesh)
+  state = state_lib.init_state(Qwen2(cfg, rngs=nnx.Rngs(0)), tx, lay, 0)
+  return cfg, mesh, tx, lr, lay, state
+
+
+def _ragged_minibatch(rng, M, P, R, vocab):
+  tokens = rng.integers(3, vocab, (M, P + R)).astype(np.int32)
+  segments = np.zeros((M, P + R), np.int32)
+  mask = np.zeros((M, R), np.float32)
+  for i in range(M):
+    p, r = rng.integers(2, P + 1), rng.integers(1, R + 1)  # ragged prompts (left) and responses (right)
+    segments[i, P - p:P + r] = 1
+    mask[i, :r] = 1
+  return {"tokens": tokens, "segment_ids": segments, "mask": mask,
+          "old_logp": rng.normal(-3, 0.3, (M, R)).astype(np.float32),
+          "ref_logp": rng.normal(-3, 0.3, (M, R)).astype(np.float32), "adv": rng.normal(0, 1, M).astype(np.float32)}
+
+
+@pytest.mark.parametrize("loss_agg", ["seq_mean_token_mean", "token_mean"])
+def test_micro_batched_update_equals_one_shot(loss_agg):
+  """A scan over micro-batches of one sequence per device accumulates the same loss and gradient as the
+  whole mini-batch at once, for either aggregation, and the loss is that aggregation of the per-token terms."""
+  from rrjax.train.config import GRPOConfig
+  g = GRPOConfig(loss_agg=loss_agg, kl_coef=0.05, clip_ratio_high=0.28)
+  cfg, mesh, tx, lr, lay, state = _grpo_setup(g)
+  mb = _ragged_minibatch(np.random.default_rng(0), 8, 10, 7, cfg.vocab_size)
+  results = []
+  for micro_rows, chunk in ((8, 0), (2, 3)):  # one shot; one sequence per device per micro-step, chunked
+    update = jax.jit(grpo.make_update(lay.graphdef, tx, lr, g, micro_rows=micro_rows, shards=2, chunk=chunk))
+    with jax.set_mesh(mesh):
+      results.append(jax.device_get(update(state, {k: jnp.asarray(v) for k, v in mb.items()})))
+  (s0, m0), *rest = results
+  for s, m in rest:
+    for k in ("loss", "pg_loss", "kl", "clip_frac", "grad_norm"):
+      assert abs(m0[k] - m[k]) < 1e-5, (k, m0[k], m[k])
+    for a, b in zip(jax.tree.leaves(s0.params), jax.tree.leaves(s.params)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  # The aggregation itself, from the policy's own log-probs.
+  model = nnx.merge(lay.graphdef, state.params, state.frozen)
+  logp = np.asarray(grpo.response_logprobs(model, jnp.asarray(mb["tokens"]), jnp.asarray(mb["segment_ids"]), 7)[0])
+  pg, *_ = grpo.policy_terms(jnp.asarray(logp), jnp.asarray(mb["old_logp"]), jnp.asarray(mb["adv"]), clip_low=0.2,
+                             clip_high=0.28, dual_clip=3.0)
+  per_token = np.asarray(pg) + 0.05 * np_k3(logp, mb["ref_logp"])
+  m = mb["mask"]
+  if loss_agg == "seq_mean_token_mean":
+    want = np.mean([(per_token[i] * m[i]).sum() / m[i].sum() for i in range(len(m))])
+  else:
+    want = (per_token * m).sum() / m.sum()
+  assert abs(m0["loss"] - want) < 1e-5
+
+
+def test_prompt_over_max_prompt_tokens_is_refused_with_its_line(tmp_path):
+  from rrjax.train.config import GRPOConfig, TrainConfig
+  tok = F.small_tokenizer(tmp_path / "tok")
+  cfg, mesh = F.tiny_config(), sharding_mesh(2)
+  config = TrainConfig(trainer="grpo", model=cfg, batch_size=2, num_steps=2,
+                       grpo=GRPOConfig(rollouts_per_prompt=4, max_prompt_tokens=96))
+  rows = [rl_data.RLRow(prompt=p, gold_ranking="[1] > [2]", initial_list=("a", "b"), final_list=("a", "b"),
+                        relevant_docids=("a",), qid=str(i))
+          for i, p in enumerate(["cost 1", "cost 2", " ".join(["passage"] * 200)])]
+  rl_data.write_rl_jsonl(tmp_path / "rl.jsonl", rows)
+  with pytest.raises(ValueError, match=r"rl\.jsonl:3: the prompt has \d+ tokens, more than "
+                                       r"GRPOConfig.max_prompt_tokens=96"):
+    grpo.GRPOTrainer(config, mesh, cfg, tok, rows=rl_data.read_rl(tmp_path / "rl.jsonl", tokenizer=tok))
+
+
+def sharding_mesh(data):
+  from rrjax import sharding
+  return sharding.make_mesh(sharding.MeshConfig(data=data), devices=jax.devices()[:data])

@@ -246,6 +246,10 @@ def test_resolve_detects_slurm_and_tpu_pods(clean_env):
   assert distributed.resolve() == ("cluster", {})
   clean_env.setenv("TPU_WORKER_HOSTNAMES", "localhost")
   assert distributed.resolve() == ("single", {})
+  # What libtpu's probe leaves behind on a machine without TPUs is not a worker list.
+  clean_env.setenv("TPU_WORKER_HOSTNAMES", "WARNING: could not determine TPU worker hostnames or IP addresses, "
+                   "please set env var `TPU_WORKER_HOSTNAMES` manually")
+  assert distributed.resolve() == ("single", {})
 
 
 def test_initialize_is_a_no_op_on_one_host(clean_env):

@@ -75,7 +75,8 @@ def test_sft_json_list_and_jsonl(files, tok, tmp_path):
                           "<|im_end|>\n<|im_start|>assistant\n")
   assert ex[0].target == SFT_ROWS[0]["output"]  # exactly, trailing space included
   assert ex[1].prompt.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")
-  assert "<|im_start|>user\nRank\nextra<|im_end|>" in ex[1].prompt
+  # ReasonRank's dataset_info maps no `input` column: LLaMA-Factory never appends it.
+  assert "<|im_start|>user\nRank<|im_end|>" in ex[1].prompt and "extra" not in ex[1].prompt
   assert ex[1].metadata["source"] == f"{files['sft']}:[1]"
   jsonl = tmp_path / "sft.jsonl"
   jsonl.write_text("".join(json.dumps(r) + "\n" for r in SFT_ROWS))
@@ -231,6 +232,27 @@ def test_packing_and_padding_layout(packing):
     assert all(b["segment_ids"].max(axis=1).max() <= 1 for b in batches)
 
 
+def test_packing_by_samples_keeps_the_count_and_whole_micro_batches():
+  """packing='samples': every batch holds exactly batch_size examples (the last one the rest), packed into as
+  few rows as hold them, the row count a multiple of row_multiple; every example once, whole."""
+  src = _synthetic()
+  batches = list(pipeline.make_sft_iterator(src, batch_size=5, seq_len=12, seed=3, packing="samples",
+                                            row_multiple=2, read_options=OPTS))
+  counts = [int(sum(len(np.unique(r[r > 0])) for r in b["segment_ids"])) for b in batches]
+  assert counts == [5, 5, 5, 5, 3]
+  assert all(b["tokens"].shape[0] % 2 == 0 and b["tokens"].shape[1] == 12 for b in batches)
+  assert len({b["tokens"].shape[0] for b in batches}) > 1  # the row count follows the lengths
+  found = _segments(batches)
+  assert sorted(i for i, _, _ in found) == list(range(len(src)))
+  for i, toks, mask in found:
+    assert toks == src[i]["tokens"].tolist() and mask == src[i]["loss_mask"].tolist()
+  real = sum(int((b["segment_ids"] > 0).sum()) for b in batches)
+  assert real == sum(len(e["tokens"]) for e in src)
+  assert sum(b["tokens"].size for b in batches) < 2 * real + 2 * 12 * len(batches)  # little padding
+  with pytest.raises(ValueError, match="SFTDataConfig.packing"):
+    pipeline.packing_mode("bins")
+
+
 def test_long_example_is_cut_to_seq_len():
   src = [{"tokens": np.arange(20, dtype=np.int32), "loss_mask": np.ones(20, np.int32)}]
   (b,) = list(pipeline.make_sft_iterator(src, batch_size=1, seq_len=8, seed=0))
@@ -257,7 +279,7 @@ def test_process_slices_disjoint_and_covering():
   assert all(len(set(per[a]) & set(per[b])) == 0 for a in range(3) for b in range(a + 1, 3))
 
 
-@pytest.mark.parametrize("packing", [True, False])
+@pytest.mark.parametrize("packing", [True, False, "samples"])
 def test_iterator_state_resumes_exactly(packing):
   src = _synthetic()
   kw = dict(batch_size=2, seq_len=12, seed=11, num_epochs=2, packing=packing, read_options=OPTS)

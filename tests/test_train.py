@@ -77,13 +77,16 @@ def _random_batch(rng, B, T, vocab):
   return {"tokens": tokens, "loss_mask": loss_mask, "segment_ids": segment_ids, "positions": positions}
 
 
-def _one_step(mesh, batch, grad_accum=1):
+def _one_step(mesh, batch, grad_accum=1, chunk_tokens=0):
   cfg = F.tiny_config(tie_word_embeddings=False)
   tx, lr = optim.make_optimizer(OptimizerConfig(lr=1e-4, warmup_ratio=0.0), 10)
   lay = state_lib.layout(lambda: Qwen2(cfg, rngs=nnx.Rngs(0)), tx, mesh)
   state = state_lib.init_state(Qwen2(cfg, rngs=nnx.Rngs(0)), tx, lay, 0)
-  step = jax.jit(sft.make_train_step(lay.graphdef, tx, lr, grad_accum), in_shardings=(lay.shardings, None),
-                 out_shardings=(lay.shardings, None))
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  rows = batch["tokens"].shape[0]
+  step = jax.jit(sft.make_train_step(lay.graphdef, tx, lr, rows // grad_accum, shards=shards,
+                                     chunk_tokens=chunk_tokens),
+                 in_shardings=(lay.shardings, None), out_shardings=(lay.shardings, None))
   with jax.set_mesh(mesh):
     state, metrics = step(state, {k: jnp.asarray(v) for k, v in batch.items()})
   return state, jax.device_get(metrics)
@@ -99,11 +102,97 @@ def test_sharded_step_equals_single_device():
   assert s8.params["layers"]["q_kernel"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
   for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
-  # Gradient accumulation over 4 micro-batches is the same token-mean step.
+  # Gradient accumulation over 4 micro-batches is the same token-mean step, on one device and on eight.
   s4, m4 = _one_step(single, batch, grad_accum=4)
   assert abs(m1["loss"] - m4["loss"]) < 1e-5
   for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  s84, m84 = _one_step(full, batch, grad_accum=2)  # each of 4 data shards feeds both micro-batches
+  assert abs(m1["loss"] - m84["loss"]) < 1e-5
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s84.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_chunked_log_probs_equal_the_whole_sequence():
+  """Loss and gradients with [chunk, V] logits at a time (scan + remat) equal the unchunked path (f32), with a
+  ragged last chunk, on a 2x2x2 mesh with two micro-batches."""
+  batch = _random_batch(np.random.default_rng(3), 8, 40, 512)
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+  s0, m0 = _one_step(mesh, batch, grad_accum=2)
+  s, m = _one_step(mesh, batch, grad_accum=2, chunk_tokens=7)  # 40 positions: 5 chunks of 7 and one of 5
+  assert abs(m0["loss"] - m["loss"]) < 1e-5 and abs(m0["grad_norm"] - m["grad_norm"]) < 1e-5
+  for a, b in zip(jax.tree.leaves(s0.params), jax.tree.leaves(s.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_optimizer_state_is_sharded_like_its_parameters(tmp_path):
+  """AdamW's m and v carry their parameter's sharding (not replicated), scalars are replicated, on a 2x2x2
+  mesh; a checkpoint restore puts every leaf back the same way."""
+  from rrjax import checkpoints
+  cfg = F.tiny_config(tie_word_embeddings=False)
+  tx, _ = optim.make_optimizer(OptimizerConfig(), 10)
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+  lay = state_lib.layout(lambda: Qwen2(cfg, rngs=nnx.Rngs(0)), tx, mesh)
+  state = state_lib.init_state(sharding.create_sharded(lambda: Qwen2(cfg, rngs=nnx.Rngs(0)), mesh), tx, lay, 0)
+  adam = state.opt_state[1][0]
+  rep = jax.sharding.PartitionSpec()
+
+  def check(opt, params):
+    adam = opt[1][0]
+    for moments in (adam.mu, adam.nu):
+      for (path, m), p in zip(jax.tree_util.tree_leaves_with_path(moments), jax.tree.leaves(params)):
+        assert m.sharding == p.sharding, (path, m.sharding, p.sharding)
+    scalars = [x for x in jax.tree.leaves(opt) if x.ndim == 0]
+    assert len(scalars) == 2 and all(x.sharding.spec == rep for x in scalars)  # Adam's and the schedule's counts
+    return sum(m.addressable_shards[0].data.size for m in jax.tree.leaves(adam.mu))
+
+  per_device = check(state.opt_state, state.params)
+  assert per_device < 0.3 * sum(m.size for m in jax.tree.leaves(adam.mu))  # split, not replicated
+  assert state.params["layers"]["q_kernel"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+  ckpt = checkpoints.Checkpointer(tmp_path, async_save=False)
+  loop._save(ckpt, 1, state, None, {})
+  restored, step = loop._restore(ckpt, lay.abstract, None)
+  ckpt.close()
+  assert step == 1
+  check(restored.opt_state, restored.params)
+  for a, b in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(restored.opt_state)):
+    assert a.sharding == b.sharding
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_packed_and_padded_batches_give_the_same_step():
+  """The same examples, one per padded row or packed several to a row (segment ids, positions restarting):
+  the same loss and gradients (the same token-mean step)."""
+  from rrjax.data import pipeline
+  rng = np.random.default_rng(5)
+  examples = []
+  for n in (30, 12, 50, 7, 21, 40, 9, 16):
+    tokens = rng.integers(3, 512, n).astype(np.int32)
+    mask = (np.arange(n) >= n // 3).astype(np.int32)
+    examples.append({"tokens": tokens, "loss_mask": mask})
+  padded = {k: np.stack([pipeline._pad(e, 64, 0)[k] for e in examples]) for k in pipeline.BATCH_KEYS}
+  packed = pipeline.pack_samples(examples, 64, row_multiple=4)
+  assert packed["tokens"].shape == (4, 64) and packed["segment_ids"].max() >= 2
+  assert int((packed["segment_ids"] > 0).sum()) == sum(len(e["tokens"]) for e in examples)
+  single = sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
+  sa, ma = _one_step(single, padded)
+  sb, mb = _one_step(single, packed)
+  assert ma["tokens"] == mb["tokens"] and abs(ma["loss"] - mb["loss"]) < 1e-5
+  for a, b in zip(jax.tree.leaves(sa.params), jax.tree.leaves(sb.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+class _Hidden:
+  """A model whose hidden states are given: d loss / d hidden of the loss head alone."""
+
+  def __init__(self, model, hidden):
+    self.model, self.hidden = model, hidden
+
+  def hidden_states(self, *args, **kw):
+    return self.hidden, None
+
+  def logits(self, h):
+    return self.model.logits(h)
 
 
 def test_prompt_tokens_get_no_gradient():
@@ -111,16 +200,7 @@ def test_prompt_tokens_get_no_gradient():
   model = Qwen2(cfg, rngs=nnx.Rngs(0))
   batch = {k: jnp.asarray(v) for k, v in _random_batch(np.random.default_rng(1), 2, 16, 512).items()}
   hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])[0]
-
-  class FromLogits:  # feeds given logits to the loss, to take d loss / d logits
-    def __init__(self, logits):
-      self.logits = logits
-
-    def __call__(self, *args):
-      return self.logits
-
-  logits = model.logits(hidden)
-  g = jax.grad(lambda l: sft.token_nll_sums(FromLogits(l), batch)[0])(logits)
+  g = jax.grad(lambda h: sft.token_nll_sums(_Hidden(model, h), batch)[0])(hidden)
   _, weights = sft.pipeline.next_token_targets(batch, xp=jnp)
   per_position = np.asarray(jnp.abs(g).sum(-1))
   assert np.all(per_position[np.asarray(weights) == 0] == 0)

@@ -8,12 +8,17 @@ a saved state on a fresh iterator built with the same arguments yields exactly t
 
 Order of operations: global seeded shuffle (a new permutation each epoch) -> repeat(num_epochs) ->
 process slice `[process_index::process_count]` of that stream (disjoint, covering) -> pack/pad -> batch.
-With packing, examples are placed whole by first fit into `batch_size` bins of `seq_len` tokens (an
-example is never split across rows); an example longer than seq_len is cut to its first seq_len tokens
-(build with cutoff_len <= seq_len to get LLaMA-Factory's proportional cut instead). The last batch of a
-finite stream is padded with empty rows (all zeros, segment 0) rather than dropped. Packed processes
-can emit different batch counts: multi-host training should use num_epochs=None and stop on a step
-count.
+`packing` is one of
+  False ("none"): one example per row, padded to seq_len;
+  True ("rows"): examples placed whole by first fit into `batch_size` rows of `seq_len` tokens (the number of
+    examples per batch varies);
+  "samples": exactly `batch_size` examples per batch (the last one of a finite stream may have fewer),
+    packed first-fit-decreasing into as few rows as hold them, the row count rounded up to a multiple of
+    `row_multiple` (so the batch has a whole number of micro-batches): the batch's row count varies.
+An example is never split across rows; one longer than seq_len is cut to its first seq_len tokens (build
+with cutoff_len <= seq_len to get LLaMA-Factory's proportional cut instead). The last batch of a finite
+stream is padded with empty rows (all zeros, segment 0) rather than dropped. Packed processes can emit
+different batch counts: multi-host training should use num_epochs=None and stop on a step count.
 
 Tokens and loss_mask are aligned (loss_mask[t] marks tokens[t] as a response token); the loss shifts
 them, see `next_token_targets`.
@@ -22,12 +27,26 @@ them, see `next_token_targets`.
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-import grain
 import numpy as np
 
+if TYPE_CHECKING:
+  import grain
+
+# grain is imported where a pipeline is built: the batch layout and `next_token_targets` serve machines
+# without it (the benchmarks' device image).
+
 BATCH_KEYS = ("tokens", "loss_mask", "segment_ids", "positions")
+PACKING_MODES = {False: "none", True: "rows", "none": "none", "rows": "rows", "samples": "samples"}
+
+
+def packing_mode(packing) -> str:
+  """'none', 'rows' or 'samples' for a `packing` setting (False/True or one of those names)."""
+  try:
+    return PACKING_MODES[packing]
+  except (KeyError, TypeError):
+    raise ValueError(f"SFTDataConfig.packing: {packing!r} is not one of False, True, 'rows', 'samples'") from None
 
 
 def _prepare(record: Mapping[str, Any], seq_len: int) -> dict[str, np.ndarray]:
@@ -58,11 +77,46 @@ def _from_packed(packed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
           "positions": packed["tokens_positions"].astype(np.int32)}
 
 
+def pack_samples(examples: Sequence[Mapping[str, np.ndarray]], seq_len: int, row_multiple: int = 1,
+                 pad_id: int = 0) -> dict[str, np.ndarray]:
+  """Packs `examples` (tokens, loss_mask) first-fit-decreasing into rows of seq_len: segment ids 1, 2, ...
+  within a row, positions restarting at 0 for each example; the row count is rounded up to a multiple of
+  `row_multiple` with empty rows."""
+  order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]["tokens"]), i))
+  rows: list[list[int]] = []
+  free: list[int] = []
+  for i in order:
+    n = len(examples[i]["tokens"])
+    slot = next((r for r, f in enumerate(free) if f >= n), None)
+    if slot is None:
+      rows.append([])
+      free.append(seq_len)
+      slot = len(rows) - 1
+    rows[slot].append(i)
+    free[slot] -= n
+  count = max(1, -(-len(rows) // row_multiple)) * row_multiple
+  out = {"tokens": np.full((count, seq_len), pad_id, np.int32), "loss_mask": np.zeros((count, seq_len), np.int32),
+         "segment_ids": np.zeros((count, seq_len), np.int32), "positions": np.zeros((count, seq_len), np.int32)}
+  for r, members in enumerate(rows):
+    at = 0
+    for seg, i in enumerate(sorted(members), start=1):  # file order inside a row
+      n = len(examples[i]["tokens"])
+      out["tokens"][r, at:at + n] = examples[i]["tokens"]
+      out["loss_mask"][r, at:at + n] = examples[i]["loss_mask"]
+      out["segment_ids"][r, at:at + n] = seg
+      out["positions"][r, at:at + n] = np.arange(n, dtype=np.int32)
+      at += n
+  return out
+
+
 def make_sft_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int, seq_len: int, seed: int,
                      shuffle: bool = True, num_epochs: int | None = 1, process_index: int = 0,
-                     process_count: int = 1, packing: bool = True, pad_id: int = 0,
+                     process_count: int = 1, packing: bool | str = True, pad_id: int = 0, row_multiple: int = 1,
                      read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
   """The grain IterDataset behind `make_sft_iterator` (same arguments)."""
+  import grain
+
+  mode = packing_mode(packing)
   if batch_size <= 0 or seq_len <= 0:
     raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
   if not 0 <= process_index < process_count:
@@ -75,8 +129,12 @@ def make_sft_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int, se
   ds = ds.repeat(num_epochs)
   ds = ds[process_index::process_count]
   ds = ds.map(functools.partial(_prepare, seq_len=seq_len))
+  if mode == "samples":
+    ds = ds.batch(batch_size, batch_fn=list).map(
+        functools.partial(pack_samples, seq_len=seq_len, row_multiple=row_multiple, pad_id=pad_id))
+    return ds.to_iter_dataset(read_options) if read_options is not None else ds.to_iter_dataset()
   it = ds.to_iter_dataset(read_options) if read_options is not None else ds.to_iter_dataset()
-  if packing:
+  if mode == "rows":
     it = grain.experimental.FirstFitPackIterDataset(
         it, length_struct={"tokens": seq_len, "loss_mask": seq_len}, num_packing_bins=batch_size,
         seed=seed, shuffle_bins=shuffle, padding_struct={"tokens": pad_id, "loss_mask": 0})
@@ -88,9 +146,10 @@ def make_sft_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int, se
 
 def make_sft_iterator(source: Sequence[Mapping[str, Any]], *, batch_size: int, seq_len: int, seed: int,
                       shuffle: bool = True, num_epochs: int | None = 1, process_index: int = 0,
-                      process_count: int = 1, packing: bool = True, pad_id: int = 0,
+                      process_count: int = 1, packing: bool | str = True, pad_id: int = 0, row_multiple: int = 1,
                       read_options: grain.ReadOptions | None = None) -> grain.DatasetIterator:
-  """An iterator of int32 [batch_size, seq_len] batches with checkpointable get_state/set_state.
+  """An iterator of int32 [rows, seq_len] batches (rows = batch_size unless packing is "samples") with
+  checkpointable get_state/set_state.
 
   `source` is any random-access sequence of records with "tokens" and "loss_mask" (e.g.
   rrjax.data.builders.load_source). num_epochs=None repeats forever.
@@ -98,7 +157,7 @@ def make_sft_iterator(source: Sequence[Mapping[str, Any]], *, batch_size: int, s
   return iter(make_sft_dataset(
       source, batch_size=batch_size, seq_len=seq_len, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
       process_index=process_index, process_count=process_count, packing=packing, pad_id=pad_id,
-      read_options=read_options))
+      row_multiple=row_multiple, read_options=read_options))
 
 
 def next_token_targets(batch: Mapping[str, Any], xp=np) -> tuple[Any, Any]:

@@ -13,8 +13,8 @@ verl/verl/utils/reward_score/__init__.py) has, per row, the columns
   reward_model      {"ground_truth": <label>, "style": "rule"}
   extra_info        {"final_list", "index", "initial_list", "relevant_docids", "split"}
 
-`RLRow` maps them as: prompt = the chat template of `prompt` with the generation prompt, then ftfy
-over the whole (exactly `rrjax.ranking.build_prompt`); gold_ranking = reward_model.ground_truth
+`RLRow` maps them as: prompt = the chat template of `prompt` with the generation prompt and nothing else
+(what verl's RLHFDataset feeds the model: no ftfy); gold_ranking = reward_model.ground_truth
 (else label); the lists from the top level (else extra_info); data_source/dataset/index/split as is.
 rrjax adds `qid` to extra_info. Writers emit all of the above; readers also take a flat row
 `{prompt: str, gold_ranking, initial_list, final_list, relevant_docids, ...}`. Parquet needs pyarrow
@@ -59,12 +59,13 @@ class RLRow:
   index: int = 0
   split: str = "train"
   messages: tuple[tuple[str, str], ...] = ()  # (role, content) the prompt renders from; parquet needs it
+  where: str = dataclasses.field(default="", compare=False)  # "file:line" (or "file:row i") it was read from
 
 
 def render_prompt(messages: Iterable[Mapping[str, str]], tokenizer) -> str:
-  """Chat template with the generation prompt, then ftfy: build_prompt's last two steps."""
-  text = tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False, add_generation_prompt=True)
-  return ftfy.fix_text(text)
+  """The chat template with the generation prompt, as verl 0.4's RLHFDataset applies it to a parquet row's
+  messages (no ftfy: verl applies none)."""
+  return tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False, add_generation_prompt=True)
 
 
 def rl_rows_from_training_jsonl(path: PathLike, id_query: PathLike, id_doc: PathLike, *, tokenizer=None,
@@ -78,8 +79,10 @@ def rl_rows_from_training_jsonl(path: PathLike, id_query: PathLike, id_doc: Path
                                                  max_passage_tokens=max_passage_tokens)):
     meta = ex.metadata
     initial, final = tuple(meta["initial_list"]), tuple(meta["final_list"])
-    messages = build_messages(queries[meta["qid"]], [docs[d] for d in initial], tokenizer,
-                              max_passage_tokens=max_passage_tokens)
+    # The prompt is build_prompt's (ftfy over the whole, as upstream builds it); the stored messages are fixed
+    # the same way, so the parquet they go to renders (by the chat template alone) to the same text.
+    messages = [dict(m, content=ftfy.fix_text(m["content"])) for m in build_messages(
+        queries[meta["qid"]], [docs[d] for d in initial], tokenizer, max_passage_tokens=max_passage_tokens)]
     rows.append(RLRow(prompt=ex.prompt, gold_ranking=ranking_answer(initial, final), initial_list=initial,
                       final_list=final, relevant_docids=tuple(meta["relevant_docids"]), data_source=data_source,
                       dataset=meta["dataset"], qid=meta["qid"], index=index, split=split,
@@ -210,7 +213,7 @@ def from_record(record: Any, path: PathLike, where, tokenizer) -> RLRow:
         raise TrecFormatError(path, where, f"field {name!r}: wrong type {type(value).__name__}")
       meta[name] = str(value) if name == "qid" else value
   return RLRow(prompt=prompt, gold_ranking=gold, initial_list=initial, final_list=final, relevant_docids=relevant,
-               messages=messages, **meta)
+               messages=messages, where=f"{path}:{where}", **meta)
 
 
 def read_rl_jsonl(path: PathLike, *, tokenizer=None) -> Iterator[RLRow]:

@@ -8,7 +8,8 @@ Two sources, both yielding `SFTExample`s:
   `<think>{reasoning.strip()}</think> <answer>[i] > [j] > ...</answer>`, with i, j the 1-based
   positions of the final_list docids within initial_list.
 - `read_sft_json`: LLaMA-Factory alpaca rows `{system, instruction, [input], output}` (a JSON list or
-  jsonl). The prompt is the Qwen chat template of system + instruction with the generation prompt
+  jsonl; `input` is ignored, as ReasonRank's dataset_info makes LLaMA-Factory do). The prompt is the Qwen
+  chat template of system + instruction with the generation prompt
   (LLaMA-Factory's `qwen` template renders the same text; no ftfy, since LLaMA-Factory applies none);
   the target is `output` exactly.
 
@@ -243,8 +244,9 @@ def read_training_jsonl(path: PathLike, id_query_dir: PathLike, id_doc_dir: Path
 def read_sft_json(path: PathLike, *, tokenizer=None) -> Iterator[SFTExample]:
   """Yields `SFTExample`s from LLaMA-Factory alpaca rows {system, instruction, [input], output}.
 
-  As LLaMA-Factory's alpaca converter does, a non-empty `input` is appended to the instruction after
-  "\\n"; a missing or empty system falls back to the template default (Qwen's own default system).
+  An `input` column is read (it must be a string when present) but not used: ReasonRank's dataset_info.json
+  maps prompt/response/system only, so LLaMA-Factory's alpaca converter never sees it. A missing or empty
+  system falls back to the template default (Qwen's own default system).
   """
   tokenizer = tokenizer_lib.or_bundled(tokenizer)
   path = Path(path)
@@ -255,9 +257,8 @@ def read_sft_json(path: PathLike, *, tokenizer=None) -> Iterator[SFTExample]:
       value = row.get(name)
       if (value is None and required) or (value is not None and not isinstance(value, str)):
         raise TrecFormatError(path, where, f"field {name!r}: missing or not a string")
-    user = row["instruction"] + ("\n" + row["input"] if row.get("input") else "")
     messages = ([{"role": "system", "content": row["system"]}] if row.get("system") else [])
-    messages.append({"role": "user", "content": user})
+    messages.append({"role": "user", "content": row["instruction"]})
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     yield SFTExample(prompt=prompt, target=row["output"], metadata={"source": f"{path}:{where}"})
 

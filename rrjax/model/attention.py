@@ -1,6 +1,7 @@
-"""Attention behind one interface: "xla" (every backend), "cudnn" (GPU), "splash" (TPU Pallas), and "auto",
-which picks the fused kernel of the platform the program is built for (rrjax.hardware.platform) where it
-applies: splash on TPU for self-attention over a multiple of 128 tokens, cuDNN on GPU in bf16/fp16, else xla.
+"""Attention behind one interface: "xla" (every backend), "cudnn" (GPU), "splash" (TPU Pallas), "chunked"
+(XLA over blocks of queries, rematerialised: T x S scores never exist whole), and "auto", which picks the
+fused kernel of the platform the program is built for (rrjax.hardware.platform) where it applies: splash on
+TPU for self-attention over a multiple of 128 tokens, cuDNN on GPU in bf16/fp16, else xla.
 
 A key is visible to a query when both are in the same non-zero segment and the key's slot index is not
 after the query's (causal by slot, so left padding with explicit positions works unchanged).
@@ -13,6 +14,8 @@ kernel on TPU (the contiguous cache viewed as pages), plain XLA with a length ma
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from typing import NamedTuple
 
@@ -22,9 +25,26 @@ import jax.numpy as jnp
 from rrjax import hardware
 from rrjax import sharding as sharding_lib
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "chunked")
 SLOT_KERNELS = ("xla", "cudnn", "ragged")
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+CHUNK_QUERIES = 512  # query block of "chunked"
+
+_STAND_IN: contextvars.ContextVar[bool] = contextvars.ContextVar("rrjax_attention_stand_in", default=False)
+
+
+@contextlib.contextmanager
+def gpu_kernel_stand_in():
+  """Inside, attention that resolves to cuDNN is built as "chunked" instead: for ahead-of-time compiles of a
+  GPU program on CPU devices (rrjax.preflight cpu:N), where cuDNN cannot be compiled. Chunked attention's
+  scratch (one block of scores) is an upper bound on the fused kernel's; its inputs, outputs and the
+  activations around it are the same, and it takes the [B, 1, T, S] bias that `_attend_cudnn` builds from
+  the mask (cuDNN is given a dense mask), so that buffer is counted too."""
+  token = _STAND_IN.set(True)
+  try:
+    yield
+  finally:
+    _STAND_IN.reset(token)
 
 
 class Mask(NamedTuple):
@@ -43,23 +63,34 @@ class Mask(NamedTuple):
     return same & valid & causal
 
 
-def resolve(impl: str, q_BxTxNxH, mask: Mask) -> str:
-  """The kernel "auto" stands for here (other names are returned as they are)."""
+def kernel_for(impl: str, length: int, dtype, head_dim: int, causal_only: bool = True) -> str:
+  """The kernel `impl` stands for on the target platform, for `length` query tokens of `dtype` ("auto"
+  resolves; other names are returned as they are)."""
   if impl != "auto":
     return impl
   target = hardware.platform()
-  if target == "tpu" and mask.causal_only and q_BxTxNxH.shape[1] % 128 == 0:
+  if target == "tpu" and causal_only and length % 128 == 0:
     return "splash"
-  if target == "gpu" and q_BxTxNxH.dtype in (jnp.bfloat16, jnp.float16) and q_BxTxNxH.shape[-1] % 8 == 0:
+  if target == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0:
     return "cudnn"
   return "xla"
+
+
+def resolve(impl: str, q_BxTxNxH, mask: Mask) -> str:
+  """The kernel "auto" stands for here (other names are returned as they are)."""
+  return kernel_for(impl, q_BxTxNxH.shape[1], q_BxTxNxH.dtype, q_BxTxNxH.shape[-1], mask.causal_only)
 
 
 def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: Mask, *, impl: str = "auto"):
   """Scaled dot-product attention with grouped kv heads; returns [B, T, N, H] in q's dtype."""
   impl = resolve(impl, q_BxTxNxH, mask)
+  if impl == "cudnn" and _STAND_IN.get():
+    bias_Bx1xTxS = jnp.where(mask.dense_BxTxS(), 0.0, _MASKED).astype(jnp.bfloat16)[:, None]
+    return _attend_chunked(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, bias_Bx1xTxS=bias_Bx1xTxS)
   if impl == "xla":
     return _attend_xla(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask)
+  if impl == "chunked":
+    return _attend_chunked(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask)
   if impl == "cudnn":
     return _attend_cudnn(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask)
   if impl == "splash":
@@ -84,9 +115,11 @@ def xla_score_elements(T: int, S: int, causal_only: bool) -> int:
   return T * S if blocks == 1 else 2 * (T // blocks) * S
 
 
-def _attend_xla(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: Mask):
+def _attend_xla(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: Mask, bias_Bx1xTxS=None):
   T = q_BxTxNxH.shape[1]
   blocks = _causal_blocks(T)
+  if bias_Bx1xTxS is not None:  # 0 where visible, a large negative number elsewhere (cuDNN's form of the mask)
+    return _attend_dense(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, None, bias_Bx1xTxS)
   if not mask.causal_only or blocks == 1:
     return _attend_dense(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask.dense_BxTxS())
   # Causal self-attention: query block [a, b) sees no key at or after b, so it reads only keys [0, b) (about
@@ -100,16 +133,49 @@ def _attend_xla(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: Mask):
   return jnp.concatenate(outs, axis=1)
 
 
-def _attend_dense(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, visible_BxTxS):
+def _attend_dense(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, visible_BxTxS, bias_Bx1xTxS=None):
   B, T, N, H = q_BxTxNxH.shape
   K = k_BxSxKxH.shape[2]
   q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, N // K, H)
   scores = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32)
   scores = scores * (H ** -0.5)
-  scores = jnp.where(visible_BxTxS[:, None, None], scores, _MASKED)
+  if bias_Bx1xTxS is not None:
+    scores = scores + bias_Bx1xTxS[:, :, None].astype(jnp.float32)
+  else:
+    scores = jnp.where(visible_BxTxS[:, None, None], scores, _MASKED)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
   out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
   return out.reshape(B, T, N, H)
+
+
+def _attend_chunked(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: Mask, block: int = CHUNK_QUERIES, bias_Bx1xTxS=None):
+  """xla attention for one block of queries at a time, under a scan whose body is rematerialised: the
+  backward pass recomputes each block's scores instead of keeping T x S of them."""
+  B, T, N, H = q_BxTxNxH.shape
+  if T <= block:
+    return _attend_xla(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, bias_Bx1xTxS)
+  nb = -(-T // block)
+  pad = nb * block - T  # padded queries are segment 0: they see nothing real and are cut off below
+  q_BxTpxNxH = jnp.pad(q_BxTxNxH, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  seg_BxTp = jnp.pad(mask.q_segment_BxT, ((0, 0), (0, pad)))
+  idx_Tp = jnp.pad(mask.q_index_T, (0, pad), mode="edge")
+  q_nxBxCxNxH = q_BxTpxNxH.reshape(B, nb, block, N, H).swapaxes(0, 1)
+  seg_nxBxC = seg_BxTp.reshape(B, nb, block).swapaxes(0, 1)
+  idx_nxC = idx_Tp.reshape(nb, block)
+  bias_nxBx1xCxS = None
+  if bias_Bx1xTxS is not None:
+    S = bias_Bx1xTxS.shape[-1]
+    bias_nxBx1xCxS = jnp.pad(bias_Bx1xTxS, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(
+        B, 1, nb, block, S).transpose(2, 0, 1, 3, 4)
+
+  @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+  def one_block(_, xs):
+    q_BxCxNxH, seg_BxC, idx_C, bias = xs
+    block_mask = Mask(seg_BxC, mask.kv_segment_BxS, idx_C, mask.kv_index_S, mask.causal_only)
+    return None, _attend_xla(q_BxCxNxH, k_BxSxKxH, v_BxSxKxH, block_mask, bias)
+
+  _, out_nxBxCxNxH = jax.lax.scan(one_block, None, (q_nxBxCxNxH, seg_nxBxC, idx_nxC, bias_nxBx1xCxS))
+  return out_nxBxCxNxH.swapaxes(0, 1).reshape(B, nb * block, N, H)[:, :T]
 
 
 def _attend_cudnn(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: Mask):

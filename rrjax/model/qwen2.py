@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from rrjax import sharding
 from rrjax.model import attention as attention_lib
@@ -25,10 +26,17 @@ from rrjax.model.lora import LoraConfig
 
 _CONFIGS = Path(__file__).parent.parent / "assets" / "qwen2.5_instruct_configs.json"
 
+# What each decoder layer keeps for the backward pass (the rest is recomputed there). Every policy keeps the
+# layer's input (the scan carry); at 23,552 tokens that alone is 2 L T D bytes in bf16.
 REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "none": None,  # everything: fastest, by far the most memory
+    "full": jax.checkpoint_policies.nothing_saveable,  # the layer input only: what long sequences need
+    # the q/k/v projections (named below): skips recomputing three matmuls, + (N + 2K) H T bytes per layer
+    "qkv": jax.checkpoint_policies.save_only_these_names("q_proj", "k_proj", "v_proj"),
+    # the q/k/v projections and the attention output (the o-projection's input)
+    "qkv_attn": jax.checkpoint_policies.save_only_these_names("q_proj", "k_proj", "v_proj", "attn_out"),
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # every matmul output, attention scores included
+    # every projection output (q, k, v, o, gate, up, down), not only the layer input
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
@@ -138,7 +146,7 @@ class Qwen2Config:
   dtype: str = "float32"
   attention: str = "auto"  # auto (the platform's fused kernel where it applies) | xla | cudnn | splash
   scan_layers: bool = True
-  remat: str = "none"  # none | full | dots | dots_no_batch
+  remat: str = "none"  # a REMAT_POLICIES name: none | full | qkv | qkv_attn | dots | dots_no_batch
   lora: LoraConfig = LoraConfig()  # adapters (rank 0: none)
 
   def __post_init__(self):
@@ -531,9 +539,11 @@ class Qwen2(nnx.Module):
       k = _biased("btd,dkh->btkh", h, w["k_kernel"], w["k_bias"], c.dtype)
       v = _biased("btd,dkh->btkh", h, w["v_kernel"], w["v_bias"], c.dtype)
       q, k, v = adapted(q, h, "q"), adapted(k, h, "k"), adapted(v, h, "v")
+      q, k, v = checkpoint_name(q, "q_proj"), checkpoint_name(k, "k_proj"), checkpoint_name(v, "v_proj")
       q = sharding.constrain(apply_rope(q, cos, sin), ("batch", "length", "q_heads", "head_dim"))
       k = sharding.constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
       out_BxTxNxH, k_cache, v_cache = attend(q, k, v, k_cache, v_cache, index)
+      out_BxTxNxH = checkpoint_name(out_BxTxNxH, "attn_out")
       attn_BxTxD = adapted(jnp.einsum("btnh,nhd->btd", out_BxTxNxH, w["o_kernel"].astype(c.dtype)), out_BxTxNxH, "o")
       x_BxTxD = x_BxTxD + attn_BxTxD
       h = rms_norm(x_BxTxD, w["mlp_norm"], c.rms_norm_eps)

@@ -42,7 +42,10 @@ class SFTDataConfig:
   max_passage_tokens: int = 512
   cutoff_len: int = 23552
   seq_len: int = 23552
-  packing: bool = True
+  # False: one example per row, padded to seq_len. True ('rows'): batch_size rows, filled first-fit (the
+  # number of examples per step varies). 'samples': batch_size examples per step (LLaMA-Factory's count),
+  # packed into as few rows as hold them, whole micro-batches; the step compiles once per row count.
+  packing: bool | str = True
   shuffle: bool = True
   data_dir: str | None = None  # where the TFDS ArrayRecord build goes; default <run_dir>/data
 
@@ -50,7 +53,18 @@ class SFTDataConfig:
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig:
   """Upstream's recipe by default: 8 rollouts per prompt, 2 updates per step, clip 0.2, dual clip 3,
-  low-variance KL at 0.001, temperature 1, 3072 response tokens."""
+  low-variance KL at 0.001, temperature 1, 3072 response tokens, prompts up to 20,480 tokens.
+
+  Each step: rollouts, then one no-gradient pass (in micro-batches) for the old log-probs (the actor's,
+  recomputed before any update) and the reference's, then `updates_per_step` updates, each a scan over
+  micro-batches of `micro_batch_size` sequences per device accumulating loss sums and gradients.
+
+  loss_agg (how per-token losses, the KL term included, become the loss of a mini-batch):
+    'seq_mean_token_mean': each sequence's token mean, averaged over the sequences. What ReasonRank ran:
+      verl 0.4's 'token-mean' inside micro-batches of one sequence per GPU, scaled by 1 / accumulation
+      steps and averaged over GPUs.
+    'token_mean': one token mean over the whole mini-batch (long responses weigh more).
+  """
 
   rollouts_per_prompt: int = 8
   updates_per_step: int = 2
@@ -62,7 +76,20 @@ class GRPOConfig:
   clip_ratio_high: float = 0.2
   dual_clip: float = 3.0
   kl_coef: float = 0.001
-  length_bucket: int = 64  # training sequences are padded to a multiple of this (few compiled shapes)
+  loss_agg: str = "seq_mean_token_mean"  # or 'token_mean'; see above
+  micro_batch_size: int = 1  # sequences per device per micro-step (update and no-gradient pass)
+  # Longest prompt (tokens) a row may have; longer rows are refused where they are read (verl's
+  # truncation='error'). The programs are compiled for this length, so it decides the memory a run needs.
+  max_prompt_tokens: int = 20480
+  overlong_prompts: str = "error"  # 'error': refuse the row (file:line); 'drop': skip it and count it (verl's
+  #   filter_overlong_prompts, which ReasonRank's recipe turns on)
+  # Mini-batches as verl forms them: rollouts reordered so each data shard holds about the same number of
+  # tokens (verl's balance_batch, Karmarkar-Karp over prompt+response lengths), each shard's sequences then
+  # split into the updates in order. False: contiguous slices of the rollouts.
+  balance_batch: bool = True
+  # A non-finite gradient norm skips that update (verl: zero_grad, no optimizer step; the schedule advances);
+  # this many skipped in a row stop the run, naming the last good checkpoint.
+  max_consecutive_skips: int = 3
   rollout_batch_size: int | None = None  # rows per generate call (None: all rollouts at once)
 
 
@@ -92,6 +119,14 @@ class TrainConfig:
   rl_data: RLDataConfig = RLDataConfig()
   batch_size: int = 8  # global sequences (SFT) or prompts (GRPO) per optimizer step
   grad_accum: int = 1
+  # Positions of each sequence whose [chunk, vocab] logits exist at once in the loss (and GRPO's log-probs);
+  # 0 = the whole sequence at once (the reference path: same values, [T, V] float32 in memory).
+  loss_chunk_tokens: int = 1024
+  # SFT loss normalisation. 'per_device_token_mean': each data shard's rows (its grad_accum micro-batches) are
+  # normalised by that shard's own label count, then shards averaged: HF Trainer < 4.54 under DeepSpeed, what
+  # LLaMA-Factory ran for ReasonRank. 'global_token_mean': one token mean over the global batch.
+  loss_norm: str = "global_token_mean"
+  preflight: bool = True  # compile every program before the first step; write preflight.json
   num_steps: int = 0
   num_epochs: int = 1
   seed: int = 0

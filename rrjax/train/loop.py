@@ -19,13 +19,14 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from rrjax import checkpoints as checkpoint_lib
-from rrjax import fileio
+from rrjax import fileio, hardware
 from rrjax import sharding as sharding_lib
 from rrjax import tokenizer as tokenizer_lib
 from rrjax.model import hf
 from rrjax.model import lora as lora_lib
 from rrjax.model.qwen2 import Qwen2, Qwen2Config
 from rrjax.train import logger as logger_lib
+from rrjax.train import preflight as preflight_lib
 from rrjax.train import state as state_lib
 from rrjax.train.config import TrainConfig
 
@@ -46,6 +47,10 @@ class Trainer(Protocol):
   def bind(self, lay: state_lib.StateLayout) -> None: ...  # the graphdef and shardings, before any step
 
   def step(self, state: state_lib.TrainState, batch: Any) -> tuple[state_lib.TrainState, dict[str, Any]]: ...
+
+  def programs(self) -> list[preflight_lib.Program]: ...  # every program a step runs, at the largest shapes
+
+  def adopt(self, program: preflight_lib.Program, compiled) -> None: ...  # reuse a preflight compile
 
 
 def model_config(config: TrainConfig) -> Qwen2Config:
@@ -84,6 +89,12 @@ def _throughput(trainer: Trainer, metrics: dict[str, float]) -> dict[str, float]
   return out
 
 
+def _last_good(ckpt: checkpoint_lib.Checkpointer) -> str:
+  ckpt.wait()
+  good = ckpt.steps()
+  return f"the last good checkpoint is step {good[-1] if good else 'none'} in {ckpt.directory}"
+
+
 def _finite(metrics: dict[str, float]) -> bool:
   return all(math.isfinite(v) for k, v in metrics.items() if k in ("loss", "grad_norm"))
 
@@ -106,6 +117,8 @@ def run(config: TrainConfig, make_trainer: MakeTrainer, *, operative_config: str
   trainer = make_trainer(config, mesh, model_cfg, tok)
   lay = state_lib.layout(model_constructor(config, model_cfg), trainer.tx, mesh)
   trainer.bind(lay)
+  if config.preflight:
+    _preflight(trainer, mesh, run_dir if primary else None)
   ckpt = checkpoint_lib.Checkpointer(run_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   iterator = trainer.data_iterator()
   restored = _restore(ckpt, lay.abstract, iterator)
@@ -130,16 +143,17 @@ def run(config: TrainConfig, make_trainer: MakeTrainer, *, operative_config: str
         total = step
         break
       t0 = time.perf_counter()
-      new_state, metrics = trainer.step(state, batch)
+      try:
+        new_state, metrics = trainer.step(state, batch)
+      except TrainingDiverged as e:
+        raise TrainingDiverged(f"step {step + 1}: {e}; stopped, {_last_good(ckpt)}") from None
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       metrics["step_time_s"] = time.perf_counter() - t0
       metrics.update(_throughput(trainer, metrics))
-      if not _finite(metrics):
-        ckpt.wait()
-        good = ckpt.steps()
+      if not getattr(trainer, "skips_non_finite", False) and not _finite(metrics):
         raise TrainingDiverged(
             f"step {step + 1}: loss {metrics.get('loss')} grad_norm {metrics.get('grad_norm')} is not finite; "
-            f"stopped, the last good checkpoint is step {good[-1] if good else 'none'} in {ckpt.directory}")
+            f"stopped, {_last_good(ckpt)}")
       state = new_state
       if (step + 1) % config.log_every == 0 or step + 1 == total:
         logger.log(step + 1, metrics, total_steps=total)
@@ -158,6 +172,23 @@ def run(config: TrainConfig, make_trainer: MakeTrainer, *, operative_config: str
     out = hf.save_pretrained(model, run_dir / "hf", dtype=config.export_dtype, tokenizer=tok)
     print(f"rrjax.train: exported Hugging Face checkpoint to {out}", flush=True)
   return state
+
+
+def _preflight(trainer: Trainer, mesh: Mesh, run_dir: Path | None) -> dict:
+  """Compiles every program before the first step (the step then reuses them), prints the per-device memory in
+  one line, writes preflight.json; a run that cannot fit stops here."""
+  devices = list(mesh.devices.flat)
+  platform = hardware.platform()
+  rep = preflight_lib.measure(trainer, mesh, topology=f"{platform}:{len(devices)}", platform=platform,
+                              hbm_bytes=hardware.device_memory_bytes(devices[0]), adopt=True)
+  print(f"rrjax.train: preflight: {preflight_lib.summary(rep)}", flush=True)
+  for warning in rep["warnings"]:
+    log.warning("preflight: %s", warning)
+  if run_dir is not None:
+    preflight_lib.write(rep, run_dir / preflight_lib.FILE)
+  if not rep["fits"]:
+    raise ValueError(f"preflight: {preflight_lib.failure(rep)}")
+  return rep
 
 
 def _save(ckpt: checkpoint_lib.Checkpointer, step: int, state: state_lib.TrainState, iterator, meta: dict) -> None:

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import math
+
 import optax
 
 from rrjax.train.config import OptimizerConfig
 
 
+def warmup_steps(config: OptimizerConfig, total_steps: int) -> int:
+  """ceil(ratio x total), as HF TrainingArguments.get_warmup_steps (LLaMA-Factory's schedule)."""
+  return math.ceil(config.warmup_ratio * total_steps)
+
+
 def schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
-  warmup = int(round(config.warmup_ratio * total_steps))
+  """HF's get_cosine_schedule_with_warmup / get_constant_schedule_with_warmup: linear from 0 over the warmup
+  steps, then cosine to `final_lr_ratio * lr` at `total_steps` (or constant)."""
+  warmup = warmup_steps(config, total_steps)
   if config.schedule == "constant":
     if warmup == 0:
       return optax.constant_schedule(config.lr)

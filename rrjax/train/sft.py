@@ -1,7 +1,11 @@
 """Supervised fine-tuning on ReasonRank reasoning chains (upstream: LLaMA-Factory, full or LoRA).
 
-Loss: the token mean of the next-token cross-entropy over response tokens only, across the whole global
-batch (all gradient-accumulation micro-batches together), as LLaMA-Factory computes it.
+Loss: the next-token cross-entropy over response tokens only, normalised by `TrainConfig.loss_norm`: the
+token mean over the whole global batch ('global_token_mean'), or, as LLaMA-Factory ran under HF Trainer
+< 4.54 and DeepSpeed, each data shard's token mean over its own grad_accum micro-batches, averaged over the
+shards ('per_device_token_mean'). Either is a per-token weight computed from the batch's label counts, so the
+micro-batches only sum. Log-probs come a chunk of positions at a time (rrjax.train.logprobs): [T, V] logits
+never exist whole.
 """
 
 from __future__ import annotations
@@ -18,49 +22,66 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rrjax import hardware
 from rrjax import tokenizer as tokenizer_lib
-from rrjax.data import builders, pipeline
+from rrjax.data import pipeline  # grain is imported only where a pipeline is built
+from rrjax.model import attention as attention_lib
 from rrjax.model.qwen2 import Qwen2Config
-from rrjax.train import optim
+from rrjax.train import logprobs, optim
+from rrjax.train import preflight as preflight_lib
 from rrjax.train.config import TrainConfig
-from rrjax.train.state import TrainState, apply_gradients
+from rrjax.train.state import TrainState, apply_gradients, micro_batches, scan_gradients
 
 BATCH_AXES = ("data", "fsdp")
 
 
-def token_nll_sums(model, batch):
-  """(sum of masked next-token NLL, number of masked tokens) for one micro-batch."""
-  logits_BxTxV = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+LOSS_NORMS = ("global_token_mean", "per_device_token_mean")
+
+
+def token_nll_sums(model, batch, chunk_tokens: int = 0):
+  """(sum of masked next-token NLL, number of masked tokens) for one micro-batch; log-probs `chunk_tokens`
+  positions at a time (0: the whole sequence at once). A "row_scale" [B] in the batch weights each row's sum."""
+  hidden_BxTxD, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
   targets_BxT, weights_BxT = pipeline.next_token_targets(batch, xp=jnp)
-  logp_BxTxV = jax.nn.log_softmax(logits_BxTxV, axis=-1)
-  nll_BxT = -jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+  logp_BxT, _ = logprobs.token_logprobs(model, hidden_BxTxD, targets_BxT, chunk=chunk_tokens)
   weights_BxT = weights_BxT.astype(jnp.float32)
-  return jnp.sum(nll_BxT * weights_BxT), jnp.sum(weights_BxT)
+  scaled_BxT = weights_BxT * batch["row_scale"][:, None] if "row_scale" in batch else weights_BxT
+  return -jnp.sum(logp_BxT * scaled_BxT), jnp.sum(weights_BxT)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, grad_accum: int,
+def row_scales(batch, loss_norm: str, shards: int):
+  """[N] factors that turn summed per-row NLL into the normalised loss: 1 / (all label tokens), or
+  1 / (shards x the label tokens of the row's shard: its contiguous block of N / shards rows)."""
+  _, weights_NxT = pipeline.next_token_targets(batch, xp=jnp)
+  per_row = jnp.sum(weights_NxT.astype(jnp.float32), axis=1)
+  if loss_norm == "global_token_mean":
+    return jnp.full(per_row.shape, 1.0 / jnp.maximum(jnp.sum(per_row), 1.0))
+  if loss_norm == "per_device_token_mean":
+    per_shard = jnp.sum(per_row.reshape(shards, -1), axis=1, keepdims=True)
+    return jnp.broadcast_to(1.0 / (jnp.maximum(per_shard, 1.0) * shards), (shards, per_row.shape[0] // shards)
+                            ).reshape(-1)
+  raise ValueError(f"TrainConfig.loss_norm: {loss_norm!r} is not one of {LOSS_NORMS}")
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, micro_rows: int | None = None, *,
+                    shards: int = 1, chunk_tokens: int = 0, loss_norm: str = "global_token_mean",
                     loss_sums=token_nll_sums):
-  """A pure step: (state, batch of [A*b, T] arrays) -> (state, metrics). Gradients of the summed loss
-  are accumulated over A micro-batches and divided once by the total token count."""
+  """A pure step: (state, batch of [N, T] arrays) -> (state, metrics). The batch is split into micro-batches
+  of `micro_rows` rows (None: one), each of the `shards` data shards feeding every micro-batch from its own
+  rows; per-row weights (`row_scales`) make the accumulated gradient that of the normalised loss."""
+  if loss_norm not in LOSS_NORMS:
+    raise ValueError(f"TrainConfig.loss_norm: {loss_norm!r} is not one of {LOSS_NORMS}")
 
   def sums(params, frozen, micro):
-    return loss_sums(nnx.merge(graphdef, params, frozen), micro)
-
-  grad_fn = jax.value_and_grad(sums, has_aux=True)
+    total, count = loss_sums(nnx.merge(graphdef, params, frozen), micro, chunk_tokens)
+    return total, {"count": count}
 
   def step(state: TrainState, batch: dict[str, jax.Array]):
-    micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
-
-    def accumulate(carry, mb):
-      loss_sum, count, grads = carry
-      (l, n), g = grad_fn(state.params, state.frozen, mb)
-      return (loss_sum + l, count + n, jax.tree.map(jnp.add, grads, g)), None
-
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (loss_sum, count, grads), _ = jax.lax.scan(accumulate, (jnp.float32(0), jnp.float32(0), zeros), micro)
-    denom = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
-    metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state.step),
-               "tokens": count}
+    rows = batch["tokens"].shape[0]
+    steps = rows // (micro_rows or rows)
+    batch = dict(batch, row_scale=row_scales(batch, loss_norm, shards))
+    micro = micro_batches(batch, steps, shards if steps > 1 else 1)
+    loss, aux, grads = scan_gradients(lambda p, mb: sums(p, state.frozen, mb), state.params, micro)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state.step),
+               "tokens": aux["count"]}
     return apply_gradients(state, grads, tx), metrics
 
   return step
@@ -68,6 +89,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, gra
 
 def prepare_source(config: TrainConfig, tokenizer: tokenizer_lib.Tokenizer):
   """Builds (once) and opens the TFDS ArrayRecord dataset of the configured SFT files."""
+  from rrjax.data import builders  # TFDS: only where data is read
+
   d = config.sft_data
   if not d.train_files:
     raise ValueError("SFTDataConfig.train_files: no training files configured")
@@ -84,23 +107,36 @@ def prepare_source(config: TrainConfig, tokenizer: tokenizer_lib.Tokenizer):
 
 
 class SFTTrainer:
-  """SFT for the shared loop (rrjax.train.loop.run)."""
+  """SFT for the shared loop (rrjax.train.loop.run). `compile_only` builds what preflight needs and reads no
+  data (total_steps is then num_steps, or 1)."""
 
   def __init__(self, config: TrainConfig, mesh: Mesh, model_cfg: Qwen2Config, tokenizer: tokenizer_lib.Tokenizer, *,
-               source=None):
+               source=None, compile_only: bool = False):
     self.config, self.mesh, self.model_cfg = config, mesh, model_cfg
-    data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if config.batch_size % (config.grad_accum * data_shards):
+    self.packing = pipeline.packing_mode(config.sft_data.packing)
+    self.shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.batch_size % (config.grad_accum * self.shards):
       raise ValueError(f"TrainConfig.batch_size={config.batch_size} must be a multiple of grad_accum "
-                       f"({config.grad_accum}) x data shards ({data_shards})")
-    if config.batch_size % jax.process_count():
+                       f"({config.grad_accum}) x data shards ({self.shards})")
+    self.processes = jax.process_count()
+    if config.batch_size % self.processes:
       raise ValueError(f"TrainConfig.batch_size={config.batch_size} is not divisible by "
-                       f"{jax.process_count()} processes")
-    self.source = source if source is not None else prepare_source(config, tokenizer)
-    self.total_steps = config.num_steps if config.num_steps > 0 else self._count_batches()
+                       f"{self.processes} processes")
+    # Rows of one micro-step over all devices; with packing='samples' the number of micro-steps varies.
+    self.micro_rows = config.batch_size // config.grad_accum
+    if self.micro_rows % self.processes:
+      raise ValueError(f"TrainConfig.batch_size / grad_accum = {self.micro_rows} rows per micro-step is not "
+                       f"divisible by {self.processes} processes")
+    if compile_only:
+      self.source = None
+      self.total_steps = max(config.num_steps, 1)
+    else:
+      self.source = source if source is not None else prepare_source(config, tokenizer)
+      self.total_steps = config.num_steps if config.num_steps > 0 else self._count_batches()
     self.tx, self.lr_schedule = optim.make_optimizer(config.optimizer, self.total_steps)
     self.batch_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     self.flops_per_token = 3 * model_cfg.forward_flops(1, config.sft_data.seq_len) / config.sft_data.seq_len
+    self._executables: dict[tuple[int, int], object] = {}
 
   @functools.cached_property
   def peak_flops(self) -> float:
@@ -110,9 +146,9 @@ class SFTTrainer:
   def _iterator(self, num_epochs):
     c = self.config
     return pipeline.make_sft_iterator(
-        self.source, batch_size=c.batch_size // jax.process_count(), seq_len=c.sft_data.seq_len, seed=c.seed,
+        self.source, batch_size=c.batch_size // self.processes, seq_len=c.sft_data.seq_len, seed=c.seed,
         shuffle=c.sft_data.shuffle, num_epochs=num_epochs, process_index=jax.process_index(),
-        process_count=jax.process_count(), packing=c.sft_data.packing)
+        process_count=self.processes, packing=c.sft_data.packing, row_multiple=self.micro_rows // self.processes)
 
   def _count_batches(self) -> int:
     return sum(1 for _ in self._iterator(self.config.num_epochs))
@@ -126,15 +162,46 @@ class SFTTrainer:
 
   def bind(self, lay) -> None:
     """Receives the state layout (graphdef and shardings) from the loop before the first step."""
-    step = make_train_step(lay.graphdef, self.tx, self.lr_schedule, self.config.grad_accum)
+    self.lay = lay
+    step = make_train_step(lay.graphdef, self.tx, self.lr_schedule, self.micro_rows, shards=self.shards,
+                           chunk_tokens=self.config.loss_chunk_tokens, loss_norm=self.config.loss_norm)
     self._step = jax.jit(step, in_shardings=(lay.shardings, self.batch_sharding),
                          out_shardings=(lay.shardings, None), donate_argnums=(0,))
 
-  def step(self, state: TrainState, batch: dict[str, np.ndarray]):
-    with jax.set_mesh(self.mesh):
-      new_state, metrics = self._step(state, self.global_batch(batch))
-    tokens = int(np.asarray(batch["segment_ids"] > 0).sum()) * jax.process_count()
-    metrics = dict(metrics)
-    metrics["seq_tokens"] = tokens
-    return new_state, metrics
+  def _abstract_batch(self, rows: int) -> dict[str, jax.ShapeDtypeStruct]:
+    shape = (rows, self.config.sft_data.seq_len)
+    return {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=self.batch_sharding) for k in pipeline.BATCH_KEYS}
 
+  def programs(self) -> list[preflight_lib.Program]:
+    """The step at the largest batch the data can produce (every example on its own row)."""
+    cfg, seq = self.model_cfg, self.config.sft_data.seq_len
+    kernel = attention_lib.kernel_for(cfg.attention, seq, cfg.dtype, cfg.head_dim)
+    return [preflight_lib.Program("train_step", self._step, (self.lay.abstract, self._abstract_batch(
+        self.config.batch_size)), attention=kernel)]
+
+  def adopt(self, program: preflight_lib.Program, compiled) -> None:
+    """Keeps a preflight-compiled step for its batch shape, so the run does not compile it again."""
+    self._executables[tuple(program.args[1]["tokens"].shape)] = compiled
+
+  def _agree_rows(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """With packing='samples' processes pack different row counts: all pad to the largest."""
+    if self.packing != "samples" or self.processes == 1:
+      return batch
+    from rrjax import distributed
+    rows = max(distributed.allgather_json(int(batch["tokens"].shape[0])))
+    pad = rows - batch["tokens"].shape[0]
+    return {k: np.pad(np.asarray(v), ((0, pad), (0, 0))) for k, v in batch.items()} if pad else batch
+
+  def step(self, state: TrainState, batch: dict[str, np.ndarray]):
+    batch = self._agree_rows({k: batch[k] for k in pipeline.BATCH_KEYS})
+    rows = batch["tokens"].shape[0] * self.processes
+    shape = (rows, batch["tokens"].shape[1])
+    with jax.set_mesh(self.mesh):
+      if shape not in self._executables:
+        self._executables[shape] = self._step.lower(self.lay.abstract, self._abstract_batch(rows)).compile()
+      new_state, metrics = self._executables[shape](state, self.global_batch(batch))
+    real = int(np.asarray(batch["segment_ids"] > 0).sum()) * self.processes
+    metrics = dict(metrics)
+    metrics["seq_tokens"] = real  # real tokens: throughput and MFU count no padding
+    metrics["real_token_frac"] = real / (rows * shape[1])
+    return new_state, metrics

@@ -53,17 +53,24 @@ def _replicated(mesh):
   return NamedSharding(mesh, PartitionSpec())
 
 
+def optimizer_layout(tx: optax.GradientTransformation, p_abs: Any, mesh: Mesh) -> Any:
+  """The optimizer state's ShapeDtypeStructs: every copy of the parameter tree inside it (AdamW's m and v)
+  on its parameter's sharding, everything else (counts, scalars) replicated. Compiling `tx.init` instead
+  would replicate the moments: their zeros do not depend on the parameters' data."""
+  shapes = jax.eval_shape(tx.init, p_abs)
+  rep = _replicated(mesh)
+  return optax.tree_map_params(
+      tx, lambda x, p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=p.sharding), shapes, p_abs,
+      transform_non_params=lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep))
+
+
 def layout(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh: Mesh) -> StateLayout:
   """Shapes from `nnx.eval_shape(model_fn)`, parameter shardings from the logical-axis rules, optimizer
-  state shardings from compiling (not running) `tx.init` on them."""
+  state shardings from the parameters' (`optimizer_layout`)."""
   abstract_model = nnx.eval_shape(model_fn)
   graphdef, p_abs, f_abs = sharding_lib.abstract_state(abstract_model, mesh,
                                                        lora_lib.trainable(abstract_model.config), ...)
-  with jax.set_mesh(mesh):
-    compiled = jax.jit(tx.init).lower(p_abs).compile()
-  o_shapes = jax.eval_shape(tx.init, p_abs)
-  o_abs = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), o_shapes,
-                       compiled.output_shardings)
+  o_abs = optimizer_layout(tx, p_abs, mesh)
   rep = _replicated(mesh)
   key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
   abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), p_abs, f_abs, o_abs,
@@ -94,3 +101,47 @@ def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformat
 
 def model_from_state(lay: StateLayout, state: TrainState) -> nnx.Module:
   return nnx.merge(lay.graphdef, state.params, state.frozen)
+
+
+def micro_batches(batch: Any, steps: int, shards: int = 1) -> Any:
+  """Splits every [N, ...] array of `batch` into `steps` micro-batches, [steps, N / steps, ...], such that each
+  of the `shards` data shards (contiguous blocks of N / shards rows) feeds every micro-batch equally from its
+  own rows: micro-batch k holds the k-th run of rows of each shard, so no row changes device."""
+
+  def split(x):
+    n = x.shape[0]
+    if n % (steps * shards):
+      raise ValueError(f"{n} rows do not split into {steps} micro-batches over {shards} data shards")
+    x = x.reshape(shards, steps, n // (steps * shards), *x.shape[1:]).swapaxes(0, 1)
+    return x.reshape(steps, n // steps, *x.shape[3:])
+
+  return jax.tree.map(split, batch)
+
+
+def unmicro_batches(micro: Any, shards: int = 1) -> Any:
+  """The inverse of `micro_batches`: [steps, N / steps, ...] back to [N, ...] in the original row order."""
+
+  def join(x):
+    steps, m = x.shape[:2]
+    x = x.reshape(steps, shards, m // shards, *x.shape[2:]).swapaxes(0, 1)
+    return x.reshape(steps * m, *x.shape[3:])
+
+  return jax.tree.map(join, micro)
+
+
+def scan_gradients(fn: Callable, params: Any, micro: Any):
+  """Sums `fn(params, micro_batch) -> (scalar, aux dict of scalars)` and its gradient over the leading axis of
+  `micro` (a scan: one micro-batch's activations at a time). Returns (sum, aux sums, gradient sum)."""
+  grad_fn = jax.value_and_grad(fn, has_aux=True)
+  first = jax.tree.map(lambda x: x[0], micro)
+  aux_shape = jax.eval_shape(fn, params, first)[1]
+
+  def body(carry, mb):
+    total, aux, grads = carry
+    (value, a), g = grad_fn(params, mb)
+    return (total + value, jax.tree.map(jnp.add, aux, a), jax.tree.map(jnp.add, grads, g)), None
+
+  zeros = (jnp.float32(0), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape),
+           jax.tree.map(jnp.zeros_like, params))
+  (total, aux, grads), _ = jax.lax.scan(body, zeros, micro)
+  return total, aux, grads

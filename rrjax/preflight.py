@@ -1,0 +1,206 @@
+"""python -m rrjax.preflight --gin_file F [--gin_file F2] [--gin_param 'x.y = v']... --topology T [--hbm GiB]
+[--platform gpu|cpu] [--json]
+
+Compiles, ahead of time and from abstract shapes only (no data files, no weights), every program that
+`python -m rrjax.train` with the same gin would run, for the devices of topology T, and reports per-device
+memory: argument, output, temporary and aliased bytes, total = args + outputs + temps - aliased, what else is
+resident meanwhile, the peak, and the budget. The programs come from the trainer itself
+(`Trainer.programs()`), so what is compiled is what runs: SFT's train step; GRPO's rollout prefill and
+decode (through `rrjax.decode.programs`), the no-gradient log-prob pass and the update, at the recipe's
+largest shapes (prompts of GRPOConfig.max_prompt_tokens).
+
+  T = a Cloud TPU topology (`v5e:2x2`, `v5p:2x2x1`, `v6e:2x4`, ...): the real TPU compiler (libtpu, the
+      `rrjax[tpu]` extra) through jax.experimental.topologies; no TPU needed. HBM from the device kind.
+  T = cpu:N: N simulated CPU devices, the proxy for an N-GPU mesh. --hbm GiB sets the budget (default 80).
+      Platform settings (compute dtype, attention kernel, cache dtype) are the GPU's by default
+      (--platform gpu); cuDNN attention, which cannot compile on CPU, is built as rrjax's chunked attention,
+      whose scratch bounds the fused kernel's. --platform cpu models CPU devices (what a CPU run compiles).
+      XLA:CPU is run with --xla_cpu_experimental_ynn_fusion_type= (empty), so fused kernels count their scratch.
+
+Settings that depend on the platform follow the target, never the host that compiles. `--json` prints one
+JSON object as the last stdout line: {"topology", "device_kind", "platform", "devices", "mesh", "hbm_bytes",
+"programs": [{"name", "argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "total_bytes",
+"resident_bytes"}], "peak_bytes", "fits", "warnings"}. Exit 0 when it fits, 1 when it does not (one line on
+stderr: which program, how much, over what budget), 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+GiB = 2**30
+_TPU_NAME = re.compile(r"^(v\d+[a-z]*):(\d+(?:x\d+)*)$")
+# accelerator type per TPU generation, and TensorCores per chip in its name (v5p-8 is 4 chips)
+_ACCELERATOR = {"v4": ("v4", 2), "v5p": ("v5p", 2), "v5e": ("v5litepod", 1), "v5litepod": ("v5litepod", 1),
+                "v6e": ("v6e", 1)}
+
+
+def parse_topology(name: str) -> tuple[str, int | str]:
+  """("cpu", N) for cpu:N, ("tpu", name) for a Cloud TPU topology name; ValueError otherwise."""
+  m = re.fullmatch(r"cpu:(\d+)", name)
+  if m:
+    n = int(m.group(1))
+    if n < 1:
+      raise ValueError(f"--topology {name}: needs at least one device")
+    return "cpu", n
+  if _TPU_NAME.match(name):
+    return "tpu", name
+  raise ValueError(f"--topology {name!r}: expected cpu:N or a Cloud TPU topology such as v5e:2x2, v5p:2x2x1, v6e:2x4")
+
+
+def _quiet_libtpu(name: str) -> None:
+  """libtpu looks for the TPU VM it runs on and warns when it finds none; on a machine without TPUs, tell it
+  one (these only describe the host; the compile target is the topology)."""
+  from jax._src import hardware_utils
+  if hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0:
+    return
+  gen, dims = _TPU_NAME.match(name).groups()
+  kind, cores = _ACCELERATOR.get(gen, (gen, 1))
+  chips = 1
+  for d in dims.split("x"):
+    chips *= int(d)
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{kind}-{chips * cores}")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  # No chip to guard: compile-only processes may load libtpu side by side (its lockfile would refuse).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def tpu_devices(name: str) -> list:
+  _quiet_libtpu(name)
+  from jax.experimental import topologies
+  try:
+    topo = topologies.get_topology_desc(platform="tpu", topology_name=name)
+  except Exception as e:  # libtpu missing, or a name it does not know
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ValueError(f"--topology {name}: {first} (TPU topologies need libtpu: pip install 'rrjax[tpu]')") from None
+  return list(topo.devices)
+
+
+def _cpu_flags(n: int) -> None:
+  """N host devices and XLA:CPU's fused-kernel scratch made visible; before the CPU backend starts."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith(("--xla_force_host_platform_device_count", "--xla_cpu_experimental_ynn_fusion_type"))]
+  os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}",
+                                              "--xla_cpu_experimental_ynn_fusion_type="])
+
+
+def architecture(config):
+  """The model a run would build: init_from's architecture where it is here (config.json or an rrjax run),
+  else TrainConfig.model (the recipes include the same preset); both with the run's policy."""
+  from rrjax.train import loop
+  if config.init_from and Path(config.init_from).exists():
+    return loop.model_config(config), f"architecture of {config.init_from}"
+  return config.model, "architecture of TrainConfig.model" + (
+      f" ({config.init_from} is not here)" if config.init_from else "")
+
+
+def tokenizer_of(config):
+  from rrjax import tokenizer as tokenizer_lib
+  for path in (config.tokenizer, config.init_from):
+    if path and Path(path).exists():
+      return tokenizer_lib.load(path)
+  return tokenizer_lib.load()
+
+
+def run(gin_files, gin_params, topology: str, *, hbm_gib: float | None = None, platform: str | None = None,
+        devices=None) -> tuple[dict, str]:
+  """Compiles the recipe's programs for `topology` and returns (report, where the architecture came from).
+  `devices` overrides the topology's devices (tests pass the host's CPU devices)."""
+  import jax
+
+  from rrjax import hardware
+  from rrjax import sharding as sharding_lib
+  from rrjax.model import attention as attention_lib
+  from rrjax.train import __main__ as entry
+  from rrjax.train import loop
+  from rrjax.train import preflight as preflight_lib
+  from rrjax.train import state as state_lib
+
+  kind, size = parse_topology(topology)
+  platform = "tpu" if kind == "tpu" else (platform or "gpu")
+  if platform not in ("cpu", "gpu", "tpu") or (kind == "tpu" and platform != "tpu"):
+    raise ValueError(f"--platform {platform}: expected gpu or cpu with a cpu:N topology")
+  stand_in = attention_lib.gpu_kernel_stand_in() if platform == "gpu" else contextlib.nullcontext()
+  with hardware.target_platform(platform), stand_in:
+    config = entry.parse_config(gin_files, gin_params)
+    if devices is None:
+      if kind == "tpu":
+        devices = tpu_devices(size)
+      else:
+        devices = jax.devices("cpu")
+        if len(devices) < size:
+          raise ValueError(f"--topology {topology}: this process has {len(devices)} CPU devices (XLA_FLAGS is set "
+                           "before JAX starts; run python -m rrjax.preflight)")
+        devices = devices[:size]
+    if kind == "tpu":
+      hbm = int(hbm_gib * GiB) if hbm_gib else hardware.device_memory_bytes(devices[0])
+    else:
+      hbm = int((hbm_gib or 80) * GiB)
+    mesh = sharding_lib.make_mesh(config.mesh, devices)
+    model_cfg, source = architecture(config)
+    trainer = entry.trainers()[config.trainer](config, mesh, model_cfg, tokenizer_of(config), compile_only=True)
+    lay = state_lib.layout(loop.model_constructor(config, model_cfg), trainer.tx, mesh)
+    trainer.bind(lay)
+    rep = preflight_lib.measure(trainer, mesh, topology=topology, platform=platform, hbm_bytes=hbm)
+  return rep, source
+
+
+def table(rep: dict) -> str:
+  unit, name = (GiB, "GiB") if rep["peak_bytes"] >= GiB / 4 else (2**20, "MiB")
+  head = (f"{'program':<18}{'args':>9}{'out':>9}{'temp':>9}{'aliased':>9}{'total':>9}{'resident':>10}"
+          f"   ({name} per device)")
+  lines = [head]
+  for p in rep["programs"]:
+    cells = [p[k] / unit for k in ("argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "total_bytes",
+                                     "resident_bytes")]
+    line = f"{p['name']:<18}" + "".join(f"{c:>9.2f}" for c in cells[:5]) + f"{cells[5]:>10.2f}"
+    if "error" in p:
+      line += f"   REFUSED: {p['error']}"
+    lines.append(line)
+  budget = "none" if rep["hbm_bytes"] is None else f"{rep['hbm_bytes'] / GiB:.2f} GiB"
+  lines.append(f"peak {rep['peak_bytes'] / GiB:.2f} GiB per device, budget {budget}: "
+               f"{'fits' if rep['fits'] else 'DOES NOT FIT'}")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m rrjax.preflight", description=__doc__.splitlines()[0])
+  p.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
+  p.add_argument("--gin_param", action="append", default=[], help="gin binding (repeatable)")
+  p.add_argument("--topology", required=True, help="cpu:N or a Cloud TPU topology (v5e:2x2, v5p:2x2x1, ...)")
+  p.add_argument("--hbm", type=float, default=None, help="per-device budget in GiB (cpu:N default 80)")
+  p.add_argument("--platform", choices=("gpu", "cpu"), default=None, help="what cpu:N models (default gpu)")
+  p.add_argument("--json", action="store_true", help="print the report as one JSON line last")
+  args = p.parse_args(argv)
+  if not args.gin_file and not args.gin_param:
+    p.error("give at least one --gin_file")
+  kind, size = parse_topology(args.topology)
+  if kind == "cpu":
+    _cpu_flags(size)
+  rep, source = run(args.gin_file, args.gin_param, args.topology, hbm_gib=args.hbm, platform=args.platform)
+  mesh = " x ".join(f"{k}={v}" for k, v in rep["mesh"].items())
+  print(f"rrjax.preflight: {', '.join(args.gin_file) or '--gin_param'} on {args.topology}: {rep['devices']} x "
+        f"{rep['device_kind']} ({rep['platform']} settings), mesh {mesh}; {source}")
+  print(table(rep))
+  for warning in rep["warnings"]:
+    print(f"rrjax.preflight: warning: {warning}", file=sys.stderr)
+  if args.json:
+    print(json.dumps(rep))
+  sys.stdout.flush()
+  if not rep["fits"]:
+    from rrjax.train import preflight as preflight_lib
+    print(f"rrjax.preflight: does not fit: {preflight_lib.failure(rep)}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  from rrjax import cli
+  cli.run(main, prog="rrjax.preflight")
