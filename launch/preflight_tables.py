@@ -2,9 +2,10 @@
 
     python launch/preflight_tables.py [--write launch/SCALING.md] [--only SUBSTRING]
 
-Each row compiles one recipe for one topology, one after another, and prints the per-device figures the
-compiler reports. With --write, the text between the `<!-- preflight:begin -->` and `<!-- preflight:end -->`
-markers of the file is replaced (atomically).
+Each row compiles one recipe (training, then reranking with --model) for one topology, one after another, and
+prints the per-device figures the compiler reports. With --write, the text between the `<!-- preflight:begin -->`
+and `<!-- preflight:end -->` markers (and `<!-- preflight-rerank:... -->` for reranking) of the file is replaced
+(atomically); --only keeps the rows whose files or flags contain a substring.
 """
 
 from __future__ import annotations
@@ -36,6 +37,23 @@ ROWS = [
     (["configs/sft/tiny_cpu.gin"], [], "cpu:1", ["--platform", "cpu"], "the recipe: one CPU"),
     (["configs/grpo/tiny_cpu.gin"], [], "cpu:1", ["--platform", "cpu"], "the recipe: one CPU"),
 ]
+
+# Reranking (`--model` selects it): (rerank gin files, extra bindings, topology, flags with --model, what)
+RERANK_ROWS = [
+    (["configs/rerank/reasonrank_7b_v5e.gin"], [], "v5e:2x2", ["--model", "qwen2_5_7b"],
+     "7B: v5litepod-4, two replicas of tensor 2"),
+    (["configs/rerank/reasonrank_32b_v5e.gin"], [], "v5e:2x4", ["--model", "qwen2_5_32b"],
+     "32B: v5litepod-8, tensor 8"),
+    (["configs/rerank/reasonrank_7b_v5e.gin", "configs/rerank/rank1.gin"], [], "v5e:2x2", ["--model", "qwen2_5_7b"],
+     "Rank1-7B pointwise on the same slice"),
+    (["configs/rerank/reasonrank.gin"], [], "v5p:2x2x1", ["--model", "qwen2_5_32b"],
+     "32B: v5p-8, default mesh"),
+    (["configs/rerank/reasonrank.gin"], [], "cpu:1", ["--model", "qwen2_5_7b", "--hbm", "80"],
+     "7B: one 80 GB GPU"),
+    (["configs/rerank/reasonrank.gin"], [], "cpu:2", ["--model", "qwen2_5_32b", "--hbm", "80"],
+     "32B: two 80 GB GPUs, default mesh"),
+]
+RERANK_BEGIN, RERANK_END = "<!-- preflight-rerank:begin -->", "<!-- preflight-rerank:end -->"
 
 
 def preflight(files, params, topology, flags) -> tuple[dict | None, str, float]:
@@ -78,28 +96,63 @@ def render(results) -> str:
   return "\n".join(out)
 
 
+def render_rerank(results) -> str:
+  out = ["| rerank config | model | topology | devices | mesh (data, fsdp, tensor) | engine | program: total GiB | "
+         "peak GiB | HBM GiB | fits |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for (files, params, topology, flags, what), (rep, reason, _) in results:
+    recipe = " + ".join(f"`{Path(f).relative_to('configs')}`" for f in files)
+    model = flags[flags.index("--model") + 1]
+    if rep is None or "rerank" not in rep:
+      out.append(f"| {recipe} ({what}) | {model} | `{topology}` | | | | {reason or 'failed'} | | | no |")
+      continue
+    r = rep["rerank"]
+    mesh = ", ".join(str(rep["mesh"][k]) for k in ("data", "fsdp", "tensor"))
+    engine = (f"{r['slots']} slots x {r['slot_length']}, prefill {r['prefill_group']} x {r['prefill_prompt']}"
+              + (f" (chunks of {r['prefill_chunk']})" if r.get("prefill_chunk") else "")
+              + (f"; scoring {r['score_slots']} x {r['score_slot_length']}" if "score_slots" in r else "")
+              + f"; longest prompt {r['prompt_tokens']}")
+    progs = "; ".join(f"{p['name']} {'refused' if 'error' in p else gib(p['total_bytes'])}" for p in rep["programs"])
+    kind = f"{rep['devices']} x {rep['device_kind']}" + (f" ({rep['platform']} settings)" if topology.startswith("cpu")
+                                                         else "")
+    if r.get("hosts", 1) > 1:
+      kind += f", one of {r['hosts']} hosts"
+    out.append(f"| {recipe} ({what}) | {model} | `{topology}` | {kind} | ({mesh}) | {engine} | {progs} | "
+               f"{gib(rep['peak_bytes'])} | {gib(rep['hbm_bytes'])} | {'yes' if rep['fits'] else 'no: ' + reason} |")
+  return "\n".join(out)
+
+
+def _replace(text: str, begin: str, end: str, table: str, path) -> str:
+  if begin not in text or end not in text:
+    raise SystemExit(f"{path}: no {begin} ... {end} markers")
+  head, rest = text.split(begin, 1)
+  return head + begin + "\n" + table + "\n" + end + rest.split(end, 1)[1]
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python launch/preflight_tables.py", description=__doc__.splitlines()[0])
   p.add_argument("--write", default=None, help="a markdown file with the preflight markers to update")
   p.add_argument("--only", default=None, help="only rows whose recipe contains this")
   args = p.parse_args(argv)
-  rows = [r for r in ROWS if args.only is None or any(args.only in f for f in r[0])]
-  results = []
-  for row in rows:
-    rep, reason, seconds = preflight(*row[:4])
-    print(f"{' + '.join(row[0])} on {row[2]}: "
-          f"{'failed ' + reason if rep is None else gib(rep['peak_bytes']) + ' GiB peak'} ({seconds:.0f} s)",
-          file=sys.stderr, flush=True)
-    results.append((row, (rep, reason, seconds)))
-  table = render(results)
-  print(table)
+  tables = []
+  for all_rows, render_rows in ((ROWS, render), (RERANK_ROWS, render_rerank)):
+    rows = [r for r in all_rows if args.only is None or any(args.only in f for f in r[0] + r[3])]
+    results = []
+    for row in rows:
+      rep, reason, seconds = preflight(*row[:4])
+      print(f"{' + '.join(row[0])} {' '.join(row[3])} on {row[2]}: "
+            f"{'failed ' + reason if rep is None else gib(rep['peak_bytes']) + ' GiB peak'} ({seconds:.0f} s)",
+            file=sys.stderr, flush=True)
+      results.append((row, (rep, reason, seconds)))
+    tables.append(render_rows(results) if results else None)
+    if results:
+      print(tables[-1])
   if args.write:
     path = Path(args.write)
     text = path.read_text()
-    if BEGIN not in text or END not in text:
-      raise SystemExit(f"{path}: no {BEGIN} ... {END} markers")
-    head, rest = text.split(BEGIN, 1)
-    fileio.write_text(path, head + BEGIN + "\n" + table + "\n" + END + rest.split(END, 1)[1])
+    for (begin, end), table in zip(((BEGIN, END), (RERANK_BEGIN, RERANK_END)), tables):
+      if table is not None:
+        text = _replace(text, begin, end, table, path)
+    fileio.write_text(path, text)
   return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
@@ -186,33 +185,33 @@ def generate(model: Qwen2, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
 
 def programs(model: Qwen2, num_prompts: int, prompt_len: int, *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = (), mesh: Mesh | None = None,
-             batch_size: int | None = None, buckets: Buckets = Buckets(), cache_dtype: str | None = None,
-             return_logits: bool = False, num_samples: int = 1) -> list[tuple[str, object, tuple]]:
+             batch_size: int | str | None = None, buckets: Buckets = Buckets(), cache_dtype: str | None = None,
+             return_logits: bool = False, num_samples: int = 1, prefill_group: int | None = None,
+             memory_limit_bytes: int | None = None, prefix: str = "rollout_") -> list[tuple[str, object, tuple]]:
   """The hook for ahead-of-time builds (rrjax.preflight): `[(name, jitted program, abstract arguments)]` of
   the engine programs `generate` runs for `num_prompts` prompts (times `num_samples`) of up to `prompt_len`
-  tokens with these settings, bucketed as `generate` buckets them: rollout_prefill (its arguments are
-  params, tokens [G, P], lengths, slots, cache), rollout_insert and rollout_decode. `model` may be abstract
-  (ShapeDtypeStruct leaves on their shardings); `program.lower(*arguments).compile()` under the mesh builds
-  what `generate` would run, nothing allocated."""
-  from flax import nnx
-
-  from rrjax import sharding as sharding_lib
-  from rrjax.engine.programs import Programs, Spec
-
+  tokens with these settings, bucketed as `generate` buckets them: `prefix` + prefill (its arguments are
+  params, tokens [G, P], lengths, slots, cache), insert and decode. `batch_size="auto"` plans the slots,
+  prefill group and chunk for `memory_limit_bytes` as `generate` does; an explicit one is taken as given
+  (no memory check: the compiler measures). `model` may be abstract (ShapeDtypeStruct leaves on their
+  shardings); `program.lower(*arguments).compile()` under the mesh builds what `generate` would run, nothing
+  allocated."""
   config: Qwen2Config = model.config
   settings = sampling.Sampling(float(temperature), int(top_k), float(top_p))
   cache_dtype = str(jnp.dtype(cache_dtype or default_cache_dtype(config)))
-  graphdef, state = nnx.split(model)
-  params = nnx.to_pure_dict(state)
-  if mesh is not None:
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params,
-                          sharding_lib.state_shardings(state, mesh))
   n = num_prompts * num_samples
-  B = buckets.batch(min(batch_size or n, n), memory.data_shards(mesh))
   P, N = buckets.prompt(prompt_len), buckets.new_tokens(max_new_tokens)
-  kernel = core.decode_kernel(config, cache_dtype, mesh)
+  if batch_size == "auto":
+    chosen = core.plan(model, length=P + N, prompt_len=P, num_slots=n, mesh=mesh, prefill_group=prefill_group,
+                       cache_dtype=cache_dtype, steps=_steps(N), return_logits=return_logits, buckets=buckets,
+                       memory_limit_bytes=memory_limit_bytes, what=f"a prompt of {P} tokens ({N} new)")
+    B, group, chunk = chosen.slots, chosen.prefill_group, chosen.chunk
+  else:
+    B = buckets.batch(min(batch_size or n, n), memory.data_shards(mesh))
+    group, chunk = (min(buckets.batch(prefill_group, memory.data_shards(mesh)), B) if prefill_group else B), None
   stops = len({int(s) for s in stop_ids})
-  spec = Spec(graphdef, config, mesh, B, core.slot_length(P + N, kernel), cache_dtype, kernel, settings.static_key(),
-              max(8, bucket(stops, 8)), _steps(N), return_logits)
-  return [(f"rollout_{name}", fn, args)
-          for name, fn, args in Programs(spec).jitted(params, B, P, bucket(num_samples, 1))]
+  built = core.abstract_programs(model, slots=B, max_length=P + N, prompt_len=P, prefill_group=group,
+                                 prefill_chunk=chunk, copies=bucket(num_samples, 1), mesh=mesh, sampling=settings,
+                                 steps_per_call=_steps(N), cache_dtype=cache_dtype, return_logits=return_logits,
+                                 stop_slots=max(8, bucket(stops, 8)))
+  return [(prefix + name, fn, args) for name, fn, args in built]

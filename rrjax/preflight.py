@@ -1,5 +1,5 @@
 """python -m rrjax.preflight --gin_file F [--gin_file F2] [--gin_param 'x.y = v']... --topology T [--hbm GiB]
-[--platform gpu|cpu] [--json]
+[--platform gpu|cpu] [--json] [--model ARCH [--dtype D] [--queries N] [--query-tokens N]]
 
 Compiles, ahead of time and from abstract shapes only (no data files, no weights), every program that
 `python -m rrjax.train` with the same gin would run, for the devices of topology T, and reports per-device
@@ -17,6 +17,14 @@ largest shapes (prompts of GRPOConfig.max_prompt_tokens).
       whose scratch bounds the fused kernel's. --platform cpu models CPU devices (what a CPU run compiles).
       XLA:CPU is run with --xla_cpu_experimental_ynn_fusion_type= (empty), so fused kernels count their scratch.
 
+With --model ARCH (a preset such as qwen2_5_7b, an HF config.json or directory, an rrjax run) the gin files
+are a rerank's (RerankSettings, e.g. configs/rerank/reasonrank_7b_v5e.gin) and what is compiled is the
+engine a rerank runs (rrjax.rerank.preflight): its prefill, insert and decode (Rank1 also its scoring pass)
+with the slots, prefill group and chunk planned for the budget as at run time, on the mesh of one host's
+devices (RerankSettings.mesh, else the size-based default), for --queries windows in flight and a longest
+window of `window` passages of max_passage_tokens and a --query-tokens query. When not even one slot fits
+beside the weights it exits 1 without compiling.
+
 Settings that depend on the platform follow the target, never the host that compiles. `--json` prints one
 JSON object as the last stdout line: {"topology", "device_kind", "platform", "devices", "mesh", "hbm_bytes",
 "programs": [{"name", "argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "total_bytes",
@@ -29,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import sys
@@ -72,11 +81,21 @@ def _quiet_libtpu(name: str) -> None:
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
+# Generations whose slices of up to 8 chips are one host (v5litepod-8, v6e-8 VMs: ct5lp-/ct6e-hightpu-8t);
+# libtpu's default groups chips 4 to a host. Larger slices, and v4/v5p, have 4 chips per host.
+_EIGHT_CHIP_HOSTS = ("v5e", "v5litepod", "v6e")
+
+
 def tpu_devices(name: str) -> list:
   _quiet_libtpu(name)
   from jax.experimental import topologies
+  gen, dims = _TPU_NAME.match(name).groups()
+  bounds = [int(d) for d in dims.split("x")]
+  kwargs = {}
+  if gen in _EIGHT_CHIP_HOSTS and 4 < math.prod(bounds) <= 8:
+    kwargs["chips_per_host_bounds"] = (bounds + [1, 1])[:3]
   try:
-    topo = topologies.get_topology_desc(platform="tpu", topology_name=name)
+    topo = topologies.get_topology_desc(platform="tpu", topology_name=name, **kwargs)
   except Exception as e:  # libtpu missing, or a name it does not know
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     raise ValueError(f"--topology {name}: {first} (TPU topologies need libtpu: pip install 'rrjax[tpu]')") from None
@@ -109,46 +128,97 @@ def tokenizer_of(config):
   return tokenizer_lib.load()
 
 
+def _target(topology: str, platform: str | None) -> str:
+  kind, _ = parse_topology(topology)
+  platform = "tpu" if kind == "tpu" else (platform or "gpu")
+  if platform not in ("cpu", "gpu", "tpu") or (kind == "tpu" and platform != "tpu"):
+    raise ValueError(f"--platform {platform}: expected gpu or cpu with a cpu:N topology")
+  return platform
+
+
+@contextlib.contextmanager
+def _compiling_for(platform: str):
+  """Platform settings follow the target; cuDNN attention, which cannot compile on CPU, is built as chunked."""
+  from rrjax import hardware
+  from rrjax.model import attention as attention_lib
+
+  stand_in = attention_lib.gpu_kernel_stand_in() if platform == "gpu" else contextlib.nullcontext()
+  with hardware.target_platform(platform), stand_in:
+    yield
+
+
+def _devices_and_budget(topology: str, hbm_gib: float | None, devices=None) -> tuple[list, int]:
+  """The topology's devices (or `devices`) and the per-device budget in bytes."""
+  import jax
+
+  from rrjax import hardware
+
+  kind, size = parse_topology(topology)
+  if devices is None:
+    if kind == "tpu":
+      devices = tpu_devices(size)
+    else:
+      devices = jax.devices("cpu")
+      if len(devices) < size:
+        raise ValueError(f"--topology {topology}: this process has {len(devices)} CPU devices (XLA_FLAGS is set "
+                         "before JAX starts; run python -m rrjax.preflight)")
+      devices = devices[:size]
+  if kind == "tpu":
+    return list(devices), int(hbm_gib * GiB) if hbm_gib else hardware.device_memory_bytes(devices[0])
+  return list(devices), int((hbm_gib or 80) * GiB)
+
+
 def run(gin_files, gin_params, topology: str, *, hbm_gib: float | None = None, platform: str | None = None,
         devices=None) -> tuple[dict, str]:
   """Compiles the recipe's programs for `topology` and returns (report, where the architecture came from).
   `devices` overrides the topology's devices (tests pass the host's CPU devices)."""
-  import jax
-
-  from rrjax import hardware
+  from rrjax import aot
   from rrjax import sharding as sharding_lib
-  from rrjax.model import attention as attention_lib
   from rrjax.train import __main__ as entry
   from rrjax.train import loop
-  from rrjax.train import preflight as preflight_lib
   from rrjax.train import state as state_lib
 
-  kind, size = parse_topology(topology)
-  platform = "tpu" if kind == "tpu" else (platform or "gpu")
-  if platform not in ("cpu", "gpu", "tpu") or (kind == "tpu" and platform != "tpu"):
-    raise ValueError(f"--platform {platform}: expected gpu or cpu with a cpu:N topology")
-  stand_in = attention_lib.gpu_kernel_stand_in() if platform == "gpu" else contextlib.nullcontext()
-  with hardware.target_platform(platform), stand_in:
+  platform = _target(topology, platform)
+  with _compiling_for(platform):
     config = entry.parse_config(gin_files, gin_params)
-    if devices is None:
-      if kind == "tpu":
-        devices = tpu_devices(size)
-      else:
-        devices = jax.devices("cpu")
-        if len(devices) < size:
-          raise ValueError(f"--topology {topology}: this process has {len(devices)} CPU devices (XLA_FLAGS is set "
-                           "before JAX starts; run python -m rrjax.preflight)")
-        devices = devices[:size]
-    if kind == "tpu":
-      hbm = int(hbm_gib * GiB) if hbm_gib else hardware.device_memory_bytes(devices[0])
-    else:
-      hbm = int((hbm_gib or 80) * GiB)
+    devices, hbm = _devices_and_budget(topology, hbm_gib, devices)
     mesh = sharding_lib.make_mesh(config.mesh, devices)
     model_cfg, source = architecture(config)
     trainer = entry.trainers()[config.trainer](config, mesh, model_cfg, tokenizer_of(config), compile_only=True)
     lay = state_lib.layout(loop.model_constructor(config, model_cfg), trainer.tx, mesh)
     trainer.bind(lay)
-    rep = preflight_lib.measure(trainer, mesh, topology=topology, platform=platform, hbm_bytes=hbm)
+    rep = aot.measure(trainer, mesh, topology=topology, platform=platform, hbm_bytes=hbm)
+  return rep, source
+
+
+def run_rerank(gin_files, gin_params, topology: str, model: str, *, hbm_gib: float | None = None,
+               platform: str | None = None, dtype: str | None = None, num_queries: int = 100,
+               query_tokens: int | None = None, devices=None) -> tuple[dict, str]:
+  """Compiles the engine programs of a rerank (RerankSettings from the gin, architecture `model`: a preset,
+  an HF config.json or directory, an rrjax run) for one host of `topology`: each host reranks its share of
+  the queries with the model on its own devices, so the mesh spans the first host's devices."""
+  from rrjax import aot, hardware
+  from rrjax import tokenizer as tokenizer_lib
+  from rrjax.rerank import cli as rerank_cli
+  from rrjax.rerank import preflight as rerank_preflight
+
+  platform = _target(topology, platform)
+  with _compiling_for(platform):
+    settings = rerank_cli.settings_from_gin(gin_files, gin_params)
+    devices, hbm = _devices_and_budget(topology, hbm_gib, devices)
+    host = [d for d in devices if d.process_index == devices[0].process_index]
+    arch, source = rerank_preflight.architecture(model)
+    dtype = dtype or hardware.default_dtype()
+    arch = arch.replace(dtype=dtype, param_dtype=dtype)
+    mesh = rerank_cli.mesh_for(arch, settings.mesh, dtype, host, memory_limit_bytes=hbm)
+    here = Path(model).parent if Path(model).name == "config.json" else Path(model)
+    tokenizer = tokenizer_lib.load(here) if (here / "tokenizer.json").exists() else tokenizer_lib.load()
+    programs, engine = rerank_preflight.programs(
+        rerank_preflight.abstract_model(arch), settings, tokenizer, mesh, hbm_bytes=hbm, num_queries=num_queries,
+        query_tokens=query_tokens or rerank_preflight.QUERY_TOKENS)
+    rep, _ = aot.measure_programs(programs, mesh, topology=topology, platform=platform, hbm_bytes=hbm)
+  rep["rerank"] = {"mode": settings.mode, "schedule": settings.schedule, "dtype": dtype, "queries": num_queries,
+                   "hosts": len({d.process_index for d in devices}), **engine}
   return rep, source
 
 
@@ -170,6 +240,18 @@ def table(rep: dict) -> str:
   return "\n".join(lines)
 
 
+def engine_line(r: dict) -> str:
+  """The rerank engine's shape in one line."""
+  if r["mode"] == "pointwise":
+    return (f"rank1 engine: {r['prompts_per_call']} prompts per call of up to {r['prompt_tokens']} tokens; "
+            f"{r['slots']} slots x {r['slot_length']} positions, prefill groups of {r['prefill_group']}; scoring "
+            f"pass {r['score_slots']} slots x {r['score_slot_length']}")
+  chunk = f" in chunks of {r['prefill_chunk']}" if r.get("prefill_chunk") else ""
+  return (f"{r['mode']} engine ({r['schedule']}, {r['dtype']}): longest window {r['prompt_tokens']} prompt tokens; "
+          f"{r['slots']} slots x {r['slot_length']} positions, prefill groups of {r['prefill_group']} x "
+          f"{r['prefill_prompt']}{chunk}; planned {r['estimate_bytes'] / GiB:.2f} GiB per device")
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m rrjax.preflight", description=__doc__.splitlines()[0])
   p.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
@@ -178,16 +260,37 @@ def main(argv=None) -> int:
   p.add_argument("--hbm", type=float, default=None, help="per-device budget in GiB (cpu:N default 80)")
   p.add_argument("--platform", choices=("gpu", "cpu"), default=None, help="what cpu:N models (default gpu)")
   p.add_argument("--json", action="store_true", help="print the report as one JSON line last")
+  rr = p.add_argument_group("reranking (RerankSettings gin, e.g. configs/rerank/reasonrank_7b_v5e.gin)")
+  rr.add_argument("--model", help="the architecture to rerank with: a preset (qwen2_5_7b), an HF config.json or "
+                  "directory, or an rrjax run; selects the rerank preflight")
+  rr.add_argument("--dtype", help="weights and compute dtype (default: the target's, bfloat16 on accelerators)")
+  rr.add_argument("--queries", type=int, default=100, help="queries reranked together: the windows in flight "
+                  "(default 100)")
+  rr.add_argument("--query-tokens", type=int, default=None, help="tokens of the longest query (default 512)")
   args = p.parse_args(argv)
-  if not args.gin_file and not args.gin_param:
-    p.error("give at least one --gin_file")
+  if not args.gin_file and not args.gin_param and not args.model:
+    p.error("give at least one --gin_file (or --model ARCH for a rerank with upstream's settings)")
   kind, size = parse_topology(args.topology)
   if kind == "cpu":
     _cpu_flags(size)
-  rep, source = run(args.gin_file, args.gin_param, args.topology, hbm_gib=args.hbm, platform=args.platform)
+  if args.model:
+    from rrjax.engine.memory import DecodeMemoryError
+    try:
+      rep, source = run_rerank(args.gin_file, args.gin_param, args.topology, args.model, hbm_gib=args.hbm,
+                               platform=args.platform, dtype=args.dtype, num_queries=args.queries,
+                               query_tokens=args.query_tokens)
+    except DecodeMemoryError as e:  # not even one slot fits beside the weights: nothing to compile
+      if args.json:
+        print(json.dumps({"topology": args.topology, "fits": False, "error": str(e)}))
+      print(f"rrjax.preflight: does not fit: {e}", file=sys.stderr)
+      return 1
+  else:
+    rep, source = run(args.gin_file, args.gin_param, args.topology, hbm_gib=args.hbm, platform=args.platform)
   mesh = " x ".join(f"{k}={v}" for k, v in rep["mesh"].items())
   print(f"rrjax.preflight: {', '.join(args.gin_file) or '--gin_param'} on {args.topology}: {rep['devices']} x "
         f"{rep['device_kind']} ({rep['platform']} settings), mesh {mesh}; {source}")
+  if "rerank" in rep:
+    print(engine_line(rep["rerank"]))
   print(table(rep))
   for warning in rep["warnings"]:
     print(f"rrjax.preflight: warning: {warning}", file=sys.stderr)
@@ -195,8 +298,8 @@ def main(argv=None) -> int:
     print(json.dumps(rep))
   sys.stdout.flush()
   if not rep["fits"]:
-    from rrjax.train import preflight as preflight_lib
-    print(f"rrjax.preflight: does not fit: {preflight_lib.failure(rep)}", file=sys.stderr)
+    from rrjax import aot
+    print(f"rrjax.preflight: does not fit: {aot.failure(rep)}", file=sys.stderr)
     return 1
   return 0
 

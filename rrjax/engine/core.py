@@ -174,6 +174,38 @@ def plan(model, *, length: int, prompt_len: int, num_slots: int | None = None, m
       "shorter prompts / fewer new tokens")
 
 
+def make_spec(graphdef, config, *, slots: int, max_length: int, mesh: Mesh | None = None,
+              sampling: Sampling = Sampling(), steps_per_call: int = 64, cache_dtype: str | None = None,
+              return_logits: bool = False, stop_slots: int = 8, cache_layout: str | None = None) -> Spec:
+  """The programs' shared shape of an engine with these settings (its slot length rounded to the kernel's pages)."""
+  cache_dtype = str(jnp.dtype(cache_dtype or default_cache_dtype(config)))
+  kernel = decode_kernel(config, cache_dtype, mesh)
+  length = slot_length(max_length, "ragged" if cache_layout == "paged" else kernel)
+  return Spec(graphdef, config, mesh, slots, length, cache_dtype, kernel, sampling.static_key(), stop_slots,
+              steps_per_call, return_logits, cache_layout)
+
+
+def abstract_programs(model, *, slots: int, max_length: int, prompt_len: int, prefill_group: int | None = None,
+                      prefill_chunk: int | None = None, copies: int = 1, mesh: Mesh | None = None,
+                      sampling: Sampling = Sampling(), steps_per_call: int = 64, cache_dtype: str | None = None,
+                      return_logits: bool = False, stop_slots: int = 8) -> list[tuple[str, Any, tuple]]:
+  """[(name, jitted program, abstract arguments)] of the prefill (`prefill_group` prompts of `prompt_len`
+  positions, each into `copies` slots), insert and decode that an `Engine` with these settings runs, for
+  ahead-of-time builds: `program.lower(*arguments).compile()` under the mesh, nothing allocated. `model` may
+  be abstract (nnx.eval_shape); its weights are placed as the Engine places them."""
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  if mesh is not None:
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params,
+                          sharding_lib.state_shardings(state, mesh))
+  spec = make_spec(graphdef, model.config, slots=slots, max_length=max_length, mesh=mesh, sampling=sampling,
+                   steps_per_call=steps_per_call, cache_dtype=cache_dtype, return_logits=return_logits,
+                   stop_slots=stop_slots)
+  P = min(prompt_len, spec.length)
+  chunk = prefill_chunk if prefill_chunk and prefill_chunk < P else None
+  return Programs(spec).jitted(params, prefill_group or slots, P, copies, chunk)
+
+
 def _descending(buckets: Buckets, n: int, multiple: int) -> list[int]:
   """Bucket sizes from the one holding `n` down to `multiple`."""
   top = buckets.batch(n, multiple)
@@ -197,20 +229,20 @@ class Engine:
                cache_layout: str | None = None):
     c = model.config
     self.config, self.mesh, self.buckets = c, mesh, buckets
-    self.cache_dtype = str(jnp.dtype(cache_dtype or default_cache_dtype(c)))
-    kernel = decode_kernel(c, self.cache_dtype, mesh)
-    self.slots, self.length = slots, slot_length(max_length, "ragged" if cache_layout == "paged" else kernel)
+    graphdef, state = nnx.split(model)
+    self.spec = make_spec(graphdef, c, slots=slots, max_length=max_length, mesh=mesh, sampling=sampling,
+                          steps_per_call=steps_per_call, cache_dtype=cache_dtype, return_logits=return_logits,
+                          stop_slots=stop_slots, cache_layout=cache_layout)
+    self.cache_dtype = self.spec.cache_dtype
+    self.slots, self.length = slots, self.spec.length
     self.prefill_group = prefill_group or slots
     self.prefill_chunk = prefill_chunk
     self.leave_early = leave_early
     self.multiple = memory.data_shards(mesh)
-    graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
     if mesh is not None:
       params = jax.device_put(params, sharding_lib.state_shardings(state, mesh))
     self.params = params
-    self.spec = Spec(graphdef, c, mesh, slots, self.length, self.cache_dtype, kernel, sampling.static_key(),
-                     stop_slots, steps_per_call, return_logits, cache_layout)
     self.programs = Programs(self.spec)
     self.cache = programs_lib.zeros_cache(self.spec)
     self.state = programs_lib.zeros_state(self.spec)

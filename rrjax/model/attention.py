@@ -85,7 +85,9 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: Mask, *, impl: str = "auto"):
   """Scaled dot-product attention with grouped kv heads; returns [B, T, N, H] in q's dtype."""
   impl = resolve(impl, q_BxTxNxH, mask)
   if impl == "cudnn" and _STAND_IN.get():
-    bias_Bx1xTxS = jnp.where(mask.dense_BxTxS(), 0.0, _MASKED).astype(jnp.bfloat16)[:, None]
+    bias_Bx1xTxS = None  # right-padded self-attention: cuDNN takes lengths, not a mask (see _attend_cudnn)
+    if mask.lengths_B is None or not mask.causal_only:
+      bias_Bx1xTxS = jnp.where(mask.dense_BxTxS(), 0.0, _MASKED).astype(jnp.bfloat16)[:, None]
     return _attend_chunked(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, bias_Bx1xTxS=bias_Bx1xTxS)
   if impl == "xla":
     return _attend_xla(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask)
@@ -285,7 +287,9 @@ def slot_kernel(impl: str, *, dtype, num_heads: int, num_kv_heads: int, head_dim
     heads, kv_heads = num_heads // tensor, num_kv_heads // tensor
   if impl in ("auto", "splash") and target == "tpu" and _ragged_fits(heads, kv_heads, head_dim, dtype):
     return "ragged"
-  if target == "gpu" and query_len == 1 and head_dim % 8 == 0 and (
+  # Under gpu_kernel_stand_in (compiling a GPU program on CPU) one-token decode is built with XLA, whose
+  # scores are one row per head: the same cache reads, no larger scratch than the fused kernel's.
+  if target == "gpu" and not _STAND_IN.get() and query_len == 1 and head_dim % 8 == 0 and (
       impl == "cudnn" or (impl == "auto" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))):
     return "cudnn"
   return "xla"

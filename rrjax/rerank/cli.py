@@ -160,14 +160,21 @@ def local_mesh(model_path, config: MeshConfig | None, dtype: str | None):
   names sizes), or the default for the model's size (rrjax.engine.memory.inference_mesh)."""
   import jax
 
-  from rrjax import hardware, sharding
   from rrjax.checkpoints import load_config
+
+  arch = load_config(model_path) if config is None else None
+  return mesh_for(arch, config, dtype, jax.local_devices())
+
+
+def mesh_for(arch, config: MeshConfig | None, dtype: str | None, devices, memory_limit_bytes: int | None = None):
+  """`config`'s mesh over `devices` (its first D*F*T when it names sizes), or else the default for the
+  architecture `arch` in `dtype` (rrjax.engine.memory.inference_mesh, for `memory_limit_bytes` per device)."""
+  from rrjax import hardware, sharding
   from rrjax.engine import memory
 
-  devices = jax.local_devices()
+  devices = list(devices)
   if config is None:
-    arch = load_config(model_path)
-    config = memory.inference_mesh(arch, devices, dtype or hardware.default_dtype())
+    config = memory.inference_mesh(arch, devices, dtype or hardware.default_dtype(), memory_limit_bytes)
   sizes = (config.data, config.fsdp, config.tensor)
   if -1 not in sizes:
     if math.prod(sizes) > len(devices):

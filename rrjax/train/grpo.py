@@ -32,7 +32,7 @@ from rrjax.model import attention as attention_lib
 from rrjax.model.qwen2 import Qwen2Config
 from rrjax.ranking import reward as reward_lib
 from rrjax.train import logprobs, optim
-from rrjax.train import preflight as preflight_lib
+from rrjax import aot
 from rrjax.train.config import GRPOConfig, TrainConfig
 from rrjax.train.state import TrainState, apply_gradients, micro_batches, scan_gradients, unmicro_batches
 
@@ -417,14 +417,14 @@ class GRPOTrainer:
               mini, P, R, update=True)).compile()
     return self._executables[key]
 
-  def programs(self) -> list[preflight_lib.Program]:
+  def programs(self) -> list[aot.Program]:
     """Every program of a step at the largest shapes the recipe allows (prompt = max_prompt_tokens)."""
     g, lay, cfg = self.grpo, self.lay, self.model_cfg
     P, R = shape_bucket(g.max_prompt_tokens, g.max_prompt_tokens), shape_bucket(g.max_response_tokens,
                                                                                  g.max_response_tokens)
     ref = self._ref_abstract()
-    state_bytes = {k: preflight_lib.device_bytes(v) for k, v in lay.abstract._asdict().items()}
-    ref_bytes = preflight_lib.device_bytes(ref) if ref is not None else 0
+    state_bytes = {k: aot.device_bytes(v) for k, v in lay.abstract._asdict().items()}
+    ref_bytes = aot.device_bytes(ref) if ref is not None else 0
     full = self._abstract_batch(self.n_rollouts, P, R, update=True)
     kernel = attention_lib.kernel_for(cfg.attention, P + R, cfg.dtype, cfg.head_dim)
     abstract_model = nnx.merge(lay.graphdef, lay.abstract.params, lay.abstract.frozen)
@@ -436,18 +436,18 @@ class GRPOTrainer:
       prefill_kernel = None
       if name == "rollout_prefill":  # the prompt attends to itself; decode steps use the cache path
         prefill_kernel = attention_lib.kernel_for(cfg.attention, args[1].shape[1], cfg.dtype, cfg.head_dim)
-      out.append(preflight_lib.Program(name, fn, args, state_bytes["opt_state"] + ref_bytes, prefill_kernel))
-    out.append(preflight_lib.Program(
+      out.append(aot.Program(name, fn, args, state_bytes["opt_state"] + ref_bytes, prefill_kernel))
+    out.append(aot.Program(
         "logprob_pass", self._pass, (lay.abstract.params, lay.abstract.frozen, ref,
                                      self._abstract_batch(self.n_rollouts, P, R, update=False)),
         state_bytes["opt_state"], kernel))
     mini = self.n_rollouts // g.updates_per_step
-    out.append(preflight_lib.Program(
+    out.append(aot.Program(
         "update", self._update, (lay.abstract, self._abstract_batch(mini, P, R, update=True)),
-        ref_bytes + preflight_lib.device_bytes(full), kernel))
+        ref_bytes + aot.device_bytes(full), kernel))
     return out
 
-  def adopt(self, program: preflight_lib.Program, compiled) -> None:
+  def adopt(self, program: aot.Program, compiled) -> None:
     """Keeps a preflight-compiled pass or update for its shapes, so the run does not compile it again."""
     if program.name in ("logprob_pass", "update"):
       batch = program.args[-1]

@@ -26,7 +26,7 @@ from rrjax.model import hf
 from rrjax.model import lora as lora_lib
 from rrjax.model.qwen2 import Qwen2, Qwen2Config
 from rrjax.train import logger as logger_lib
-from rrjax.train import preflight as preflight_lib
+from rrjax import aot
 from rrjax.train import state as state_lib
 from rrjax.train.config import TrainConfig
 
@@ -48,9 +48,9 @@ class Trainer(Protocol):
 
   def step(self, state: state_lib.TrainState, batch: Any) -> tuple[state_lib.TrainState, dict[str, Any]]: ...
 
-  def programs(self) -> list[preflight_lib.Program]: ...  # every program a step runs, at the largest shapes
+  def programs(self) -> list[aot.Program]: ...  # every program a step runs, at the largest shapes
 
-  def adopt(self, program: preflight_lib.Program, compiled) -> None: ...  # reuse a preflight compile
+  def adopt(self, program: aot.Program, compiled) -> None: ...  # reuse a preflight compile
 
 
 def model_config(config: TrainConfig) -> Qwen2Config:
@@ -179,15 +179,15 @@ def _preflight(trainer: Trainer, mesh: Mesh, run_dir: Path | None) -> dict:
   one line, writes preflight.json; a run that cannot fit stops here."""
   devices = list(mesh.devices.flat)
   platform = hardware.platform()
-  rep = preflight_lib.measure(trainer, mesh, topology=f"{platform}:{len(devices)}", platform=platform,
+  rep = aot.measure(trainer, mesh, topology=f"{platform}:{len(devices)}", platform=platform,
                               hbm_bytes=hardware.device_memory_bytes(devices[0]), adopt=True)
-  print(f"rrjax.train: preflight: {preflight_lib.summary(rep)}", flush=True)
+  print(f"rrjax.train: preflight: {aot.summary(rep)}", flush=True)
   for warning in rep["warnings"]:
     log.warning("preflight: %s", warning)
   if run_dir is not None:
-    preflight_lib.write(rep, run_dir / preflight_lib.FILE)
+    aot.write(rep, run_dir / aot.FILE)
   if not rep["fits"]:
-    raise ValueError(f"preflight: {preflight_lib.failure(rep)}")
+    raise ValueError(f"preflight: {aot.failure(rep)}")
   return rep
 
 

@@ -26,7 +26,7 @@ from rrjax.data import pipeline  # grain is imported only where a pipeline is bu
 from rrjax.model import attention as attention_lib
 from rrjax.model.qwen2 import Qwen2Config
 from rrjax.train import logprobs, optim
-from rrjax.train import preflight as preflight_lib
+from rrjax import aot
 from rrjax.train.config import TrainConfig
 from rrjax.train.state import TrainState, apply_gradients, micro_batches, scan_gradients
 
@@ -172,14 +172,14 @@ class SFTTrainer:
     shape = (rows, self.config.sft_data.seq_len)
     return {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=self.batch_sharding) for k in pipeline.BATCH_KEYS}
 
-  def programs(self) -> list[preflight_lib.Program]:
+  def programs(self) -> list[aot.Program]:
     """The step at the largest batch the data can produce (every example on its own row)."""
     cfg, seq = self.model_cfg, self.config.sft_data.seq_len
     kernel = attention_lib.kernel_for(cfg.attention, seq, cfg.dtype, cfg.head_dim)
-    return [preflight_lib.Program("train_step", self._step, (self.lay.abstract, self._abstract_batch(
+    return [aot.Program("train_step", self._step, (self.lay.abstract, self._abstract_batch(
         self.config.batch_size)), attention=kernel)]
 
-  def adopt(self, program: preflight_lib.Program, compiled) -> None:
+  def adopt(self, program: aot.Program, compiled) -> None:
     """Keeps a preflight-compiled step for its batch shape, so the run does not compile it again."""
     self._executables[tuple(program.args[1]["tokens"].shape)] = compiled
 

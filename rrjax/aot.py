@@ -1,8 +1,9 @@
 """Compile a run's programs ahead of time and report their per-device memory (what `python -m rrjax.preflight`
-prints and `python -m rrjax.train` writes as preflight.json before its first step).
+prints for training and reranking, and `python -m rrjax.train` writes as preflight.json before its first step).
 
-A trainer lists its programs (`Trainer.programs()`): each is the jitted function the run calls and its
-arguments as ShapeDtypeStructs on their shardings, so what is compiled here is what runs. Per device and per
+A trainer lists its programs (`Trainer.programs()`), a rerank its engine's (rrjax.rerank.preflight): each is the
+jitted function the run calls and its arguments as ShapeDtypeStructs on their shardings, so what is compiled
+here is what runs. Per device and per
 program: argument, output, temporary and aliased (donated input reused as output) bytes from XLA's
 `memory_analysis()`; total = arguments + outputs + temporaries - aliased. Arrays that stay resident while a
 program runs without being its arguments (the optimizer state during a rollout, the reference weights during an
@@ -161,11 +162,20 @@ def measure(trainer, mesh, *, topology: str, platform: str, hbm_bytes: int | Non
   """Compiles every program of `trainer` (bound to its layout) and returns the report. With `adopt`, the
   trainer keeps the executables it can reuse (the run then compiles nothing twice)."""
   programs = trainer.programs()
-  measured = [compile_program(p, mesh, compiler_options) for p in programs]
+  rep, measured = measure_programs(programs, mesh, topology=topology, platform=platform, hbm_bytes=hbm_bytes,
+                                   compiler_options=compiler_options)
   if adopt:
     for p, m in zip(programs, measured):
       if m.compiled is not None:
         trainer.adopt(p, m.compiled)
+  return rep
+
+
+def measure_programs(programs: Sequence[Program], mesh, *, topology: str, platform: str, hbm_bytes: int | None,
+                     compiler_options: dict | None = None, warnings: Sequence[str] = ()) -> tuple[dict, list]:
+  """(report, [Measured]) of compiling `programs` on `mesh`."""
+  measured = [compile_program(p, mesh, compiler_options) for p in programs]
   devices = list(np.asarray(mesh.devices).flat)
-  return report(measured, topology=topology, devices=devices, mesh=mesh, hbm_bytes=hbm_bytes, platform=platform,
-                warnings=attention_warnings(programs, platform))
+  rep = report(measured, topology=topology, devices=devices, mesh=mesh, hbm_bytes=hbm_bytes, platform=platform,
+               warnings=[*attention_warnings(programs, platform), *warnings])
+  return rep, measured
