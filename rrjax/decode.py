@@ -209,9 +209,14 @@ def programs(model: Qwen2, num_prompts: int, prompt_len: int, *, max_new_tokens:
   else:
     B = buckets.batch(min(batch_size or n, n), memory.data_shards(mesh))
     group, chunk = (min(buckets.batch(prefill_group, memory.data_shards(mesh)), B) if prefill_group else B), None
+  # The engine's largest prefill (Engine._take): prompts whose copies fill at most the B slots; with C copies
+  # a group's first and last prompt may bring only part of theirs.
+  C = bucket(num_samples, 1)
+  requests = B if num_samples == 1 else 1 + -(-(B - 1) // num_samples)
+  group = min(group, buckets.batch(min(group, num_prompts, requests), memory.data_shards(mesh)))
   stops = len({int(s) for s in stop_ids})
   built = core.abstract_programs(model, slots=B, max_length=P + N, prompt_len=P, prefill_group=group,
-                                 prefill_chunk=chunk, copies=bucket(num_samples, 1), mesh=mesh, sampling=settings,
+                                 prefill_chunk=chunk, copies=C, mesh=mesh, sampling=settings,
                                  steps_per_call=_steps(N), cache_dtype=cache_dtype, return_logits=return_logits,
                                  stop_slots=max(8, bucket(stops, 8)))
   return [(prefix + name, fn, args) for name, fn, args in built]

@@ -212,3 +212,27 @@ def test_samples_of_one_prefill_equal_repeated_prompts(models):
   assert len({tuple(t) for t in shared.tokens[:4]}) > 1  # the samples of one prompt differ
   per_prompt = decode.generate(model, PROMPTS[:2], max_new_tokens=[3, 9], stop_ids=NO_STOP)
   assert per_prompt.lengths == [3, 9]
+
+
+def test_ahead_of_time_prefill_is_the_engines_largest(models, monkeypatch):
+  """decode.programs (what preflight compiles for GRPO rollouts) prefills as many prompts at once as the engine
+  ever does: with G copies per prompt, the prompts whose copies fill the slots, not one prompt per slot."""
+  from rrjax.engine.programs import Programs
+
+  _, model = models
+  seen = []
+  prefill = Programs.prefill
+
+  def spy(self, params, rows, prompt, copies=1, chunk=None):
+    seen.append((rows, copies))
+    return prefill(self, params, rows, prompt, copies, chunk)
+
+  monkeypatch.setattr(Programs, "prefill", spy)
+  prompts = [list(range(3, 3 + n)) for n in (5, 9, 4, 12, 7, 6)]
+  decode.generate(model, prompts, max_new_tokens=[2, 5, 3, 8, 4, 6], num_samples=4, batch_size=8, stop_ids=NO_STOP)
+  built = {name: args for name, _, args in decode.programs(model, len(prompts), 12, max_new_tokens=8, num_samples=4,
+                                                         batch_size=8)}
+  rows, P = built["rollout_prefill"][1].shape
+  assert max(r for r, _ in seen) <= rows <= 4 and P >= 12  # 8 slots: at most 1 + ceil(7 / 4) prompts at a time
+  assert {c for _, c in seen} == {built["rollout_prefill"][3].shape[1]} == {4}
+  assert built["rollout_decode"][2].lengths_B.shape == (8,)

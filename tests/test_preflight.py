@@ -138,3 +138,14 @@ def test_chunked_loss_keeps_temporaries_small():
   logits = 8192 * 151936 * 4
   assert whole > 2 * logits, whole / GiB
   assert chunked < whole / 3, (chunked / GiB, whole / GiB)
+
+
+def test_grpo_preflight_with_gpu_settings_compiles_every_program():
+  """cpu:N models GPUs: bf16, cuDNN prefill built as its chunked stand-in and one-token decode with XLA (cuDNN
+  cannot compile on CPU); every GRPO program compiles, the rollout prefill no larger than the engine's."""
+  proc, rep = _preflight("--gin_file", "configs/grpo/tiny_cpu.gin", "--gin_param", "model_preset.vocab_size = 512",
+                         "--topology", "cpu:2", "--json")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert rep["platform"] == "gpu" and rep["fits"]
+  assert [p["name"] for p in rep["programs"]] == ["rollout_prefill", "rollout_insert", "rollout_decode",
+                                                  "logprob_pass", "update"]
