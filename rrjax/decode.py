@@ -108,6 +108,25 @@ def _per_prompt(value, n: int, name: str) -> list[int]:
   return values
 
 
+def _engine_shape(model, n: int, P: int, N: int, *, batch_size, prefill_group, cache_dtype, mesh, memory_limit_bytes,
+                  return_logits, buckets, what, check: bool = True) -> tuple[int, int, int | None, MemoryEstimate | None]:
+  """(slots, prefill group, prefill chunk, estimate) of an engine for `n` rows of P prompt + N new positions:
+  planned from the budget for batch_size="auto", else `batch_size` slots checked against the budget (with
+  `check`; without, taken as given: no chunk, no estimate)."""
+  multiple = memory.data_shards(mesh)
+  if batch_size == "auto":
+    chosen = core.plan(model, length=P + N, prompt_len=P, num_slots=n, mesh=mesh, prefill_group=prefill_group,
+                       cache_dtype=cache_dtype, steps=_steps(N), return_logits=return_logits, buckets=buckets,
+                       memory_limit_bytes=memory_limit_bytes, what=what)
+    return chosen.slots, chosen.prefill_group, chosen.chunk, chosen.estimate
+  B = buckets.batch(min(batch_size or n, n), multiple)
+  group = min(buckets.batch(prefill_group, multiple), B) if prefill_group else B
+  if not check:
+    return B, group, None, None
+  chunk, est = _check_memory(model, B, group, P, N, cache_dtype, mesh, memory_limit_bytes, multiple, return_logits)
+  return B, group, chunk, est
+
+
 def generate(model: Qwen2, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              min_new_tokens: int | Sequence[int] = 0, seed: int = 0, stop_ids: Sequence[int] | None = None,
@@ -153,21 +172,13 @@ def generate(model: Qwen2, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     return Generation([[] for _ in range(n)], [[] for _ in range(n)], [0] * n, ["length"] * n,
                       [np.zeros((0, config.vocab_size), np.float32) for _ in range(n)] if return_logits else None)
 
-  multiple = memory.data_shards(mesh)
   P = buckets.prompt(max(len(p) for p in prompts))
   N = buckets.new_tokens(max(max_new))
-  if batch_size == "auto":
-    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]) + max_new[i])
-    chosen = core.plan(model, length=P + N, prompt_len=P, num_slots=n, mesh=mesh, prefill_group=prefill_group,
-                       cache_dtype=cache_dtype, steps=_steps(N), return_logits=return_logits, buckets=buckets,
-                       memory_limit_bytes=memory_limit_bytes,
-                       what=f"prompt {longest} ({len(prompts[longest])} tokens, {max_new[longest]} new)")
-    B, group, chunk, est = chosen.slots, chosen.prefill_group, chosen.chunk, chosen.estimate
-  else:
-    B = buckets.batch(min(batch_size or n, n), multiple)
-    group = min(buckets.batch(prefill_group, multiple), B) if prefill_group else B
-    chunk, est = _check_memory(model, B, group, P, N, cache_dtype, mesh, memory_limit_bytes, multiple,
-                               return_logits)
+  longest = max(range(len(prompts)), key=lambda i: len(prompts[i]) + max_new[i])
+  B, group, chunk, est = _engine_shape(
+      model, n, P, N, batch_size=batch_size, prefill_group=prefill_group, cache_dtype=cache_dtype, mesh=mesh,
+      memory_limit_bytes=memory_limit_bytes, return_logits=return_logits, buckets=buckets,
+      what=f"prompt {longest} ({len(prompts[longest])} tokens, {max_new[longest]} new)")
   engine = core.Engine(model, slots=B, max_length=P + N, mesh=mesh, sampling=settings, steps_per_call=_steps(N),
                        prefill_group=group, prefill_chunk=chunk, buckets=buckets, cache_dtype=cache_dtype,
                        return_logits=return_logits, stop_slots=max(8, bucket(len(stop_ids), 8)))
@@ -201,14 +212,10 @@ def programs(model: Qwen2, num_prompts: int, prompt_len: int, *, max_new_tokens:
   cache_dtype = str(jnp.dtype(cache_dtype or default_cache_dtype(config)))
   n = num_prompts * num_samples
   P, N = buckets.prompt(prompt_len), buckets.new_tokens(max_new_tokens)
-  if batch_size == "auto":
-    chosen = core.plan(model, length=P + N, prompt_len=P, num_slots=n, mesh=mesh, prefill_group=prefill_group,
-                       cache_dtype=cache_dtype, steps=_steps(N), return_logits=return_logits, buckets=buckets,
-                       memory_limit_bytes=memory_limit_bytes, what=f"a prompt of {P} tokens ({N} new)")
-    B, group, chunk = chosen.slots, chosen.prefill_group, chosen.chunk
-  else:
-    B = buckets.batch(min(batch_size or n, n), memory.data_shards(mesh))
-    group, chunk = (min(buckets.batch(prefill_group, memory.data_shards(mesh)), B) if prefill_group else B), None
+  B, group, chunk, _ = _engine_shape(
+      model, n, P, N, batch_size=batch_size, prefill_group=prefill_group, cache_dtype=cache_dtype, mesh=mesh,
+      memory_limit_bytes=memory_limit_bytes, return_logits=return_logits, buckets=buckets,
+      what=f"a prompt of {P} tokens ({N} new)", check=False)
   # The engine's largest prefill (Engine._take): prompts whose copies fill at most the B slots; with C copies
   # a group's first and last prompt may bring only part of theirs.
   C = bucket(num_samples, 1)

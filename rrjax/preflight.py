@@ -211,8 +211,8 @@ def run_rerank(gin_files, gin_params, topology: str, model: str, *, hbm_gib: flo
     dtype = dtype or hardware.default_dtype()
     arch = arch.replace(dtype=dtype, param_dtype=dtype)
     mesh = rerank_cli.mesh_for(arch, settings.mesh, dtype, host, memory_limit_bytes=hbm)
-    here = Path(model).parent if Path(model).name == "config.json" else Path(model)
-    tokenizer = tokenizer_lib.load(here) if (here / "tokenizer.json").exists() else tokenizer_lib.load()
+    # A checkpoint's own tokenizer where it has one (tokenizer.load falls back to the bundled one).
+    tokenizer = tokenizer_lib.load(Path(model).parent if Path(model).name == "config.json" else model)
     programs, engine = rerank_preflight.programs(
         rerank_preflight.abstract_model(arch), settings, tokenizer, mesh, hbm_bytes=hbm, num_queries=num_queries,
         query_tokens=query_tokens or rerank_preflight.QUERY_TOKENS)

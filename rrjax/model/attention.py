@@ -38,8 +38,9 @@ def gpu_kernel_stand_in():
   """Inside, attention that resolves to cuDNN is built as "chunked" instead: for ahead-of-time compiles of a
   GPU program on CPU devices (rrjax.preflight cpu:N), where cuDNN cannot be compiled. Chunked attention's
   scratch (one block of scores) is an upper bound on the fused kernel's; its inputs, outputs and the
-  activations around it are the same, and it takes the [B, 1, T, S] bias that `_attend_cudnn` builds from
-  the mask (cuDNN is given a dense mask), so that buffer is counted too."""
+  activations around it are the same, and where `_attend_cudnn` gives cuDNN a dense mask (anything but
+  right-padded self-attention, which takes lengths) it takes the same [B, 1, T, S] bias, so that buffer is
+  counted too. One-token decode over a slot cache is built with XLA (see `slot_kernel`)."""
   token = _STAND_IN.set(True)
   try:
     yield
@@ -85,8 +86,8 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: Mask, *, impl: str = "auto"):
   """Scaled dot-product attention with grouped kv heads; returns [B, T, N, H] in q's dtype."""
   impl = resolve(impl, q_BxTxNxH, mask)
   if impl == "cudnn" and _STAND_IN.get():
-    bias_Bx1xTxS = None  # right-padded self-attention: cuDNN takes lengths, not a mask (see _attend_cudnn)
-    if mask.lengths_B is None or not mask.causal_only:
+    bias_Bx1xTxS = None
+    if not _cudnn_takes_lengths(mask):
       bias_Bx1xTxS = jnp.where(mask.dense_BxTxS(), 0.0, _MASKED).astype(jnp.bfloat16)[:, None]
     return _attend_chunked(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, bias_Bx1xTxS=bias_Bx1xTxS)
   if impl == "xla":
@@ -180,12 +181,17 @@ def _attend_chunked(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: Mask, block: int = CH
   return out_nxBxCxNxH.swapaxes(0, 1).reshape(B, nb * block, N, H)[:, :T]
 
 
+def _cudnn_takes_lengths(mask: Mask) -> bool:
+  """Right-padded self-attention goes to cuDNN as lengths; anything else as a dense mask."""
+  return mask.lengths_B is not None and mask.causal_only
+
+
 def _attend_cudnn(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: Mask):
   # cuDNN's fused kernel needs bf16/fp16 inputs; it handles grouped kv heads itself.
   dtype = q_BxTxNxH.dtype
   if dtype == jnp.float32:
     q_BxTxNxH, k_BxSxKxH, v_BxSxKxH = (x.astype(jnp.bfloat16) for x in (q_BxTxNxH, k_BxSxKxH, v_BxSxKxH))
-  if mask.lengths_B is not None and mask.causal_only:
+  if _cudnn_takes_lengths(mask):
     # Right-padded self-attention: top-left causal is right here (T == S), and lengths skip the padding.
     lengths_B = mask.lengths_B.astype(jnp.int32)
     out = jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, is_causal=True,

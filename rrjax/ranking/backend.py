@@ -20,6 +20,24 @@ HEADROOM = 1.25  # slot prompt room over the longest prompt seen: later windows 
 _SHAPES = ("slots", "prefill_group", "prefill_chunk", "slot_length", "estimate_bytes")
 
 
+def listwise_engine(model, settings, *, prompt_tokens: int, max_new_tokens: int, num_slots: int, mesh=None,
+                    memory_limit_bytes: int | None = None, what: str = "a window"
+                    ) -> tuple[engine_lib.Plan, int, dict]:
+  """(plan, prompt positions, Engine keyword arguments) of the engine that serves windows of up to
+  `prompt_tokens` (the prompt positions: with HEADROOM, bucketed) and `max_new_tokens`, for `num_slots` windows in flight: `settings.batch_size` slots,
+  or as many as the memory budget (`memory_limit_bytes`, else the devices') holds. rrjax.rerank.preflight
+  compiles the programs of the same arguments."""
+  buckets = decode.Buckets()
+  P = buckets.prompt(math.ceil(prompt_tokens * HEADROOM))
+  N = buckets.new_tokens(max_new_tokens)
+  plan = engine_lib.plan(model, length=P + N, prompt_len=P, mesh=mesh, slots=settings.batch_size,
+                         num_slots=num_slots, steps=decode.STEPS_PER_CALL, memory_limit_bytes=memory_limit_bytes,
+                         what=what)
+  shape = dict(slots=plan.slots, max_length=plan.length, sampling=Sampling(settings.temperature, 0, settings.top_p),
+               steps_per_call=decode.STEPS_PER_CALL, prefill_group=plan.prefill_group, prefill_chunk=plan.chunk)
+  return plan, P, shape
+
+
 class ModelBackend:
   """Generation settings come from `settings` (a RerankSettings: max/min new tokens, temperature, top_p,
   seed, batch_size, window, prompt_mode). Listwise windows run on one engine kept across calls (recreated
@@ -98,22 +116,16 @@ class ModelBackend:
       self._waiting.append(request)
 
   def _new_engine(self) -> engine_lib.Engine:
-    s, buckets = self.settings, decode.Buckets()
     longest = max(self._waiting, key=lambda r: len(r.prompt) + r.max_new_tokens)
-    P = buckets.prompt(math.ceil(len(longest.prompt) * HEADROOM))
-    N = buckets.new_tokens(max(r.max_new_tokens for r in self._waiting))
     what = f"window {getattr(longest.tag, 'qid', '?')}[{getattr(longest.tag, 'start', '?')}:" \
            f"{getattr(longest.tag, 'end', '?')}] ({len(longest.prompt)} prompt tokens, {longest.max_new_tokens} new)"
-    plan = engine_lib.plan(self.model, length=P + N, prompt_len=P, mesh=self.mesh, slots=s.batch_size,
-                           num_slots=max(self.concurrency or 0, len(self._waiting)), steps=decode.STEPS_PER_CALL,
-                           what=what)
+    plan, _, shape = listwise_engine(self.model, self.settings, prompt_tokens=len(longest.prompt),
+                                  max_new_tokens=max(r.max_new_tokens for r in self._waiting),
+                                  num_slots=max(self.concurrency or 0, len(self._waiting)), mesh=self.mesh, what=what)
     self._account({"budget_bytes": plan.estimate.limit, "slots": plan.slots, "prefill_group": plan.prefill_group,
                    "prefill_chunk": plan.chunk, "slot_length": plan.length, "estimate_bytes": plan.estimate.total,
                    "engines": 1})
-    sampling = Sampling(s.temperature, 0, s.top_p)
-    return engine_lib.Engine(self.model, slots=plan.slots, max_length=plan.length, mesh=self.mesh, sampling=sampling,
-                             steps_per_call=decode.STEPS_PER_CALL, prefill_group=plan.prefill_group,
-                             prefill_chunk=plan.chunk, leave_early=True if self.eager else None)
+    return engine_lib.Engine(self.model, mesh=self.mesh, leave_early=True if self.eager else None, **shape)
 
   def poll(self) -> list[tuple[Any, loop.Completion]]:
     """Decodes until at least one pending window is answered; [] when none is pending."""

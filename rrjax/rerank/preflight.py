@@ -12,7 +12,6 @@ logits. The longest window is computed, not read: `window` passages (top_k for a
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from flax import nnx
@@ -21,11 +20,10 @@ from rrjax import aot, decode
 from rrjax.engine import core as engine_lib
 from rrjax.model import attention as attention_lib
 from rrjax.model.qwen2 import Qwen2, Qwen2Config
-from rrjax.ranking.backend import HEADROOM
+from rrjax.ranking.backend import listwise_engine
 from rrjax.ranking.pointwise import rank1_passage, rank1_prompt
 from rrjax.ranking.prompt import build_prompt
 from rrjax.rerank.settings import RerankSettings
-from rrjax.sampling import Sampling
 
 # BRIGHT's queries run 93-594 tokens on average per task (Qwen2.5 tokenizer), the longest 7,182 (robotics).
 QUERY_TOKENS = 512
@@ -76,29 +74,21 @@ def programs(model, settings: RerankSettings, tokenizer, mesh, *, hbm_bytes: int
   planned for `hbm_bytes` per device; `model` may be abstract (`abstract_model`)."""
   s = settings
   prompt = longest_prompt(s, tokenizer, query_tokens)
-  buckets = decode.Buckets()
-  stops = tuple(tokenizer.stop_ids)
   if s.mode == "pointwise":
     rows = min(num_queries * s.top_k, max(s.batch_size or 0, POINTWISE_CHUNK))
-    batch = s.batch_size or "auto"
-    common = dict(mesh=mesh, batch_size=batch, memory_limit_bytes=hbm_bytes, prefix="")
+    common = dict(mesh=mesh, batch_size=s.batch_size or "auto", memory_limit_bytes=hbm_bytes, prefix="")
     built = decode.programs(model, rows, prompt, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                            top_p=s.top_p, stop_ids=stops, **common)
+                            top_p=s.top_p, stop_ids=tokenizer.stop_ids, **common)
     # The scoring pass: prompt + reasoning + `</think>`, one greedy step, its logits kept.
     built += [(f"score_{name}", fn, args) for name, fn, args in decode.programs(
         model, rows, prompt + s.max_new_tokens + 8, max_new_tokens=1, return_logits=True,
         buckets=decode.Buckets(min_new_tokens=1), **common)]
     shape = {"prompt_tokens": prompt, "prompts_per_call": rows, **_shapes(built, ""), **_shapes(built, "score_")}
   else:
-    P = buckets.prompt(math.ceil(prompt * HEADROOM))
-    N = buckets.new_tokens(s.max_new_tokens)
-    plan = engine_lib.plan(model, length=P + N, prompt_len=P, mesh=mesh, slots=s.batch_size, num_slots=num_queries,
-                           steps=decode.STEPS_PER_CALL, memory_limit_bytes=hbm_bytes,
-                           what=f"the longest window ({prompt} prompt tokens, {s.max_new_tokens} new)")
-    built = engine_lib.abstract_programs(model, slots=plan.slots, max_length=plan.length, prompt_len=P,
-                                         prefill_group=plan.prefill_group, prefill_chunk=plan.chunk, mesh=mesh,
-                                         sampling=Sampling(s.temperature, 0, s.top_p),
-                                         steps_per_call=decode.STEPS_PER_CALL)
+    plan, P, engine = listwise_engine(model, s, prompt_tokens=prompt, max_new_tokens=s.max_new_tokens,
+                                      num_slots=num_queries, mesh=mesh, memory_limit_bytes=hbm_bytes,
+                                      what=f"the longest window ({prompt} prompt tokens, {s.max_new_tokens} new)")
+    built = engine_lib.abstract_programs(model, prompt_len=P, mesh=mesh, **engine)  # the longest prefill
     shape = {"prompt_tokens": prompt, **_shapes(built, ""), "prefill_chunk": plan.chunk,
              "estimate_bytes": plan.estimate.total}
   c = model.config

@@ -86,6 +86,10 @@ def low_var_kl(logp_BxT, ref_logp_BxT):
   return jnp.clip(jnp.exp(kl) - kl - 1.0, -10.0, 10.0)
 
 
+def _bad_loss_agg(name: str) -> ValueError:
+  return ValueError(f"GRPOConfig.loss_agg: {name!r} is not one of {LOSS_AGG}")
+
+
 def loss_weights(mask_BxT, loss_agg: str):
   """Per-token weights whose weighted sum of per-token losses is the mini-batch loss (see GRPOConfig)."""
   mask_BxT = mask_BxT.astype(jnp.float32)
@@ -94,7 +98,7 @@ def loss_weights(mask_BxT, loss_agg: str):
   if loss_agg == "seq_mean_token_mean":
     per_seq_B = jnp.maximum(jnp.sum(mask_BxT, axis=1, keepdims=True), 1.0)
     return mask_BxT / per_seq_B / mask_BxT.shape[0]
-  raise ValueError(f"GRPOConfig.loss_agg: {loss_agg!r} is not one of {LOSS_AGG}")
+  raise _bad_loss_agg(loss_agg)
 
 
 def token_logprobs(model, tokens_BxT, segment_ids_BxT, temperature: float = 1.0, chunk: int = 0):
@@ -180,7 +184,7 @@ def make_update(graphdef, tx, lr_schedule, g: GRPOConfig, *, micro_rows: int, sh
   scan over micro-batches of `micro_rows` sequences summing the weighted per-token losses and their gradient.
   The reference enters only as its precomputed log-probs."""
   if g.loss_agg not in LOSS_AGG:
-    raise ValueError(f"GRPOConfig.loss_agg: {g.loss_agg!r} is not one of {LOSS_AGG}")
+    raise _bad_loss_agg(g.loss_agg)
 
   def terms(params, frozen, mb):
     model = nnx.merge(graphdef, params, frozen)
@@ -307,7 +311,7 @@ class GRPOTrainer:
     self.tokenizer = tokenizer
     self.compile_only = compile_only
     if g.loss_agg not in LOSS_AGG:
-      raise ValueError(f"GRPOConfig.loss_agg: {g.loss_agg!r} is not one of {LOSS_AGG}")
+      raise _bad_loss_agg(g.loss_agg)
     if g.overlong_prompts not in ("error", "drop"):
       raise ValueError(f"GRPOConfig.overlong_prompts: {g.overlong_prompts!r} is not 'error' or 'drop'")
     self.shards = mesh.shape["data"] * mesh.shape["fsdp"]
