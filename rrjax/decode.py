@@ -108,11 +108,31 @@ def _per_prompt(value, n: int, name: str) -> list[int]:
   return values
 
 
+_PLANS: dict = {}  # shape key -> engine shape: a call on shapes already seen neither plans nor estimates again
+
+
+def plans_made() -> int:
+  """Engine shapes planned (or checked against the memory budget) since the process started."""
+  return len(_PLANS)
+
+
 def _engine_shape(model, n: int, P: int, N: int, *, batch_size, prefill_group, cache_dtype, mesh, memory_limit_bytes,
                   return_logits, buckets, what, check: bool = True) -> tuple[int, int, int | None, MemoryEstimate | None]:
   """(slots, prefill group, prefill chunk, estimate) of an engine for `n` rows of P prompt + N new positions:
   planned from the budget for batch_size="auto", else `batch_size` slots checked against the budget (with
-  `check`; without, taken as given: no chunk, no estimate)."""
+  `check`; without, taken as given: no chunk, no estimate). Kept per shape (the model's config stands for its
+  weights), so the budget is read when a shape is first seen."""
+  key = (model.config, n, P, N, batch_size, prefill_group, cache_dtype, mesh, memory_limit_bytes, return_logits,
+         buckets, check)
+  if key not in _PLANS:
+    _PLANS[key] = _plan_shape(model, n, P, N, batch_size=batch_size, prefill_group=prefill_group,
+                              cache_dtype=cache_dtype, mesh=mesh, memory_limit_bytes=memory_limit_bytes,
+                              return_logits=return_logits, buckets=buckets, what=what, check=check)
+  return _PLANS[key]
+
+
+def _plan_shape(model, n, P, N, *, batch_size, prefill_group, cache_dtype, mesh, memory_limit_bytes, return_logits,
+                buckets, what, check):
   multiple = memory.data_shards(mesh)
   if batch_size == "auto":
     chosen = core.plan(model, length=P + N, prompt_len=P, num_slots=n, mesh=mesh, prefill_group=prefill_group,

@@ -85,6 +85,6 @@ def select(logits_BxV, keys_B, *, temperature, top_p, banned_V=None, ban_B=None,
   if not greedy:
     tokens_B = jnp.where(row_greedy_B, jnp.argmax(masked_BxV, axis=-1).astype(jnp.int32), tokens_B)
 
-  logprobs_BxV = jax.nn.log_softmax(scaled_BxV, axis=-1)
-  logprobs_B = jnp.take_along_axis(logprobs_BxV, tokens_B[:, None], axis=-1)[:, 0]
-  return tokens_B, logprobs_B
+  # log_softmax at one token, without writing a [B, V] log_softmax: one pass fewer over the vocabulary per step.
+  chosen_B = jnp.take_along_axis(scaled_BxV, tokens_B[:, None], axis=-1)[:, 0]
+  return tokens_B, chosen_B - jax.nn.logsumexp(scaled_BxV, axis=-1)

@@ -1,5 +1,6 @@
 """rrjax.decode against transformers' generate and full forward passes (torch, float32)."""
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -14,6 +15,7 @@ CONFIG = Qwen2Config(vocab_size=97, hidden_size=48, intermediate_size=80, num_la
                      num_kv_heads=2, head_dim=12, tie_word_embeddings=False)
 PROMPTS = [[5, 17, 3, 88, 41], [7, 2, 9], [12, 60, 61, 62, 30, 31, 1, 4, 8, 20, 50], [33]]
 NO_STOP = ()
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax.monitoring: one per XLA compile
 
 
 def _torch_model(config, seed=0):
@@ -150,6 +152,26 @@ def test_bucketing_compiles_once_per_bucket(models):
   assert decode.compilation_count() == before
   run([[1] * 20], 3)  # prompt bucket 24: one new prefill and one new decode program
   assert decode.compilation_count() == before + 2
+
+
+def test_second_call_compiles_and_plans_nothing(models):
+  """A generate call on shapes already seen builds nothing: no XLA compile of any kind (engine programs, the
+  zero cache and slot state), no new plan; and it returns the same tokens."""
+  _, model = models
+  compiles = []
+  listener = lambda name, secs, **kw: compiles.append(name) if name == COMPILE_EVENT else None
+  run = lambda: decode.generate(model, [[1] * 7, [2] * 3, [5] * 11], max_new_tokens=6, stop_ids=[96], batch_size=2)
+  first = run()
+  plans = decode.plans_made()
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    second = run()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiles == [] and decode.plans_made() == plans
+  assert second.tokens == first.tokens
+  decode.generate(model, [[1] * 7], max_new_tokens=40, stop_ids=[96], batch_size=2)  # a new shape plans anew
+  assert decode.plans_made() == plans + 1
 
 
 def test_sharded_matches_single_device(models):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -142,19 +143,28 @@ def _replicated(mesh):
 
 
 def zeros_cache(spec: Spec) -> SlotCache:
-  """The slot cache, allocated straight onto its shardings."""
-  make = lambda: SlotCache.zeros(spec.config, spec.slots, spec.length, spec.cache_dtype, spec.layout)
-  if spec.mesh is None:
-    return jax.jit(make)()
-  with jax.set_mesh(spec.mesh):
-    return jax.jit(make, out_shardings=cache_shardings(spec))()
+  """The slot cache, allocated straight onto its shardings (one compiled program per spec, kept)."""
+  return _zeros_program(spec, "cache")()
 
 
 def zeros_state(spec: Spec) -> SlotState:
-  make = lambda: SlotState.zeros(spec.slots, spec.stop_slots, spec.config.vocab_size)
+  return _zeros_program(spec, "state")()
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros_program(spec: Spec, what: str):
+  # Kept per spec: a fresh jit of a fresh function is a compile, which was most of a short generate call.
+  if what == "cache":
+    make = lambda: SlotCache.zeros(spec.config, spec.slots, spec.length, spec.cache_dtype, spec.layout)
+    out = None if spec.mesh is None else cache_shardings(spec)
+  else:
+    make = lambda: SlotState.zeros(spec.slots, spec.stop_slots, spec.config.vocab_size)
+    out = None if spec.mesh is None else _replicated(spec.mesh)
+  jitted = jax.jit(make) if out is None else jax.jit(make, out_shardings=out)
   if spec.mesh is None:
-    return jax.jit(make)()
-  return jax.jit(make, out_shardings=_replicated(spec.mesh))()
+    return jitted.lower().compile()
+  with jax.set_mesh(spec.mesh):
+    return jitted.lower().compile()
 
 
 # ---------------------------------------------------------------- sampling
