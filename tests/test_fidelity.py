@@ -13,6 +13,7 @@ from flax import nnx
 
 import train_fixtures as F
 from rrjax import sharding
+from rrjax.data import pipeline
 from rrjax.data import rl as rl_data
 from rrjax.model.qwen2 import Qwen2
 from rrjax.train import grpo, loop, sft
@@ -191,6 +192,69 @@ def test_sft_per_device_normalisation_matches_hf_trainer():
     _, m_glob = glob(state, {k: jnp.asarray(v) for k, v in batch.items()})
   assert abs(float(m_glob["loss"]) - row_nll.sum() / row_labels.sum()) < 1e-5
   assert abs(float(m_glob["loss"]) - want) > 1e-4
+
+
+def _examples(rng, lengths):
+  out = []
+  for n in lengths:
+    start = rng.integers(1, n - 1)  # ragged prompts: at least one label token each
+    out.append({"tokens": rng.integers(3, 512, n).astype(np.int32),
+                "loss_mask": (np.arange(n) >= start).astype(np.int32)})
+  return out
+
+
+@pytest.mark.slow
+def test_sft_packed_per_device_normalisation_matches_hf_trainer():
+  """packing='samples' on 8 devices: 16 examples packed longest-first into rows whose 8 shards include
+  all-padding ones, each example weighted by its device's label count (the examples in draw order, 2 per
+  device, as 2 accumulation micro-batches of 1): HF's loss and gradient. Then a last batch of 6 examples:
+  the 2 groups left empty add nothing and the 6 others are averaged over 6 (not 8)."""
+  cfg = F.tiny_config(tie_word_embeddings=False)
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=8))
+  T, most = 64, 16
+  tx = optax.sgd(1.0)  # the update is minus the gradient
+  lay = state_lib.layout(lambda: Qwen2(cfg, rngs=nnx.Rngs(0)), tx, mesh)
+  step = jax.jit(sft.make_train_step(lay.graphdef, tx, lambda s: 1.0, 8, shards=8,
+                                     loss_norm="per_device_token_mean", loss_groups=8))
+  graphdef, p0 = nnx.split(Qwen2(cfg, rngs=nnx.Rngs(0)))
+
+  @jax.jit
+  def reference(p, alone, coef):
+    """Each example alone on its own padded row: NLL sums and label counts, and the gradient of sum coef x NLL."""
+    def weighted(p):
+      nll, labels = jax.vmap(lambda one: sft.token_nll_sums(nnx.merge(graphdef, p), one))(alone)
+      return jnp.sum(coef * nll), (nll, labels)
+    return jax.grad(weighted, has_aux=True)(p)
+
+  rng = np.random.default_rng(3)
+  for lengths, devices, accumulation in (([40, 6, 22, 9, 30, 12, 5, 17, 26, 8, 11, 35, 7, 14, 20, 10], 8, 2),
+                                         ([31, 9, 24, 6, 40, 13], 6, 1)):
+    examples = _examples(rng, lengths)
+    batch = pipeline.pack_samples(examples, T, row_multiple=8, loss_groups=8)
+    shard_tokens = (batch["segment_ids"] > 0).reshape(8, -1).sum(axis=1)
+    assert (shard_tokens == 0).any() and (shard_tokens > 0).sum() >= 2, shard_tokens  # all-padding shards
+    assert len(np.unique(batch["sample_group"][batch["segment_ids"] > 0])) == devices
+    state = state_lib.init_state(Qwen2(cfg, rngs=nnx.Rngs(0)), tx, lay, 0)
+    params = jax.device_get(state.params)
+    with jax.set_mesh(mesh):
+      new, metrics = step(state, {k: jnp.asarray(v) for k, v in batch.items()})
+    grads = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), params, jax.device_get(new.params))
+
+    padded = examples + [{"tokens": np.zeros(0, np.int32), "loss_mask": np.zeros(0, np.int32)}] * (most - len(lengths))
+    alone = {k: jnp.asarray(np.stack([pipeline._pad(e, T, 0)[k] for e in padded]))[:, None]
+             for k in pipeline.BATCH_KEYS}
+    labels = pipeline.next_token_targets({k: np.asarray(v[:, 0]) for k, v in alone.items()})[1].sum(axis=1)
+    labels = labels[:len(lengths)].astype(np.float64)
+    per_device = len(lengths) // devices
+    coef = [1.0 / (devices * labels[i // per_device * per_device:(i // per_device + 1) * per_device].sum())
+            for i in range(len(lengths))]
+    want_grads, (nll, counted) = reference(p0, alone, jnp.asarray(coef + [0.0] * (most - len(lengths)), jnp.float32))
+    assert np.asarray(counted)[:len(lengths)].tolist() == labels.tolist()
+    want = hf_trainer_objective(np.asarray(nll, np.float64)[:len(lengths)], labels, devices=devices,
+                                accumulation=accumulation)
+    assert abs(float(metrics["loss"]) - want) < 1e-5, (float(metrics["loss"]), want)
+    for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(want_grads)), jax.tree.leaves(grads)):
+      np.testing.assert_allclose(b, a, atol=2e-6)
 
 
 def test_warmup_is_ceil_of_ratio_times_steps():
