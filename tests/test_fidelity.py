@@ -2,6 +2,7 @@
 scaling, balance_batch) and HF Trainer 4.52 (SFT loss normalisation under gradient accumulation), the RL
 prompt rendering of verl's RLHFDataset, and verl's skipping of non-finite updates (see rrjax/train/UPSTREAM.md)."""
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -264,6 +265,59 @@ def test_warmup_is_ceil_of_ratio_times_steps():
   assert optim.warmup_steps(c, 45) == 5 and optim.warmup_steps(c, 41) == 5 and optim.warmup_steps(c, 40) == 4
   lr = optim.schedule(c, 45)
   assert float(lr(4)) < 1.0 and abs(float(lr(5)) - 1.0) < 1e-6
+
+
+# ---------------------------------------------------------------- verl 0.4.0 run length and lr schedule
+
+
+def verl_lr_factor(step, *, style, warmup_ratio, total_steps, min_lr_ratio=0.0, num_cycles=0.5):
+  """fsdp_workers.py:352-367 (warmup int(ratio x total)) with torch_functional.py:496-501 (cosine) and
+  :523-526 (constant): the LambdaLR factor at scheduler step `step`."""
+  warmup = int(warmup_ratio * total_steps)
+  if style == "constant":
+    return float(step) / float(max(1.0, warmup)) if step < warmup else 1.0
+  if step < warmup:
+    return min_lr_ratio + (1.0 - min_lr_ratio) * (float(step) / float(max(1, warmup)))
+  progress = float(step - warmup) / float(max(1, total_steps - warmup))
+  x = np.cos(np.pi * float(num_cycles) * 2.0 * progress)
+  return max(min_lr_ratio, x * (1 - min_lr_ratio) * 0.5 + (1 + min_lr_ratio) * 0.5)
+
+
+def test_grpo_runs_one_epoch_of_kept_rows_with_verls_schedule(tmp_path, capsys):
+  """verl's total_epochs=1: steps = kept rows // prompts per step (overlong prompts dropped first), printed.
+  The lr of every update is verl's scheduler at the update's rollout step (one scheduler step per rollout step,
+  warmup int(ratio x steps)); 'update' counts updates with HF's ceil warmup instead."""
+  from rrjax.train.config import OptimizerConfig, RLDataConfig, TrainConfig
+  tok = F.small_tokenizer(tmp_path / "tok")
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
+  rows = [rl_data.RLRow(prompt=" ".join(["passage"] * 300) if i in (3, 17) else f"cost {i}",
+                        gold_ranking="[1] > [2]", initial_list=("a", "b"), final_list=("a", "b"),
+                        relevant_docids=("a",), qid=str(i)) for i in range(41)]
+  rl_data.write_rl_jsonl(tmp_path / "rl.jsonl", rows)
+  for style, ratio, floor in (("constant", 0.15, 0.0), ("cosine", 0.3, 0.1)):
+    opt = OptimizerConfig(lr=2.0, schedule=style, warmup_ratio=ratio, final_lr_ratio=floor)
+    g = GRPOConfig(rollouts_per_prompt=2, updates_per_step=2, max_prompt_tokens=64, overlong_prompts="drop")
+    config = TrainConfig(trainer="grpo", model=F.tiny_config(), batch_size=4, num_steps=0, num_epochs=1, grpo=g,
+                         optimizer=opt, rl_data=RLDataConfig(train_files=(str(tmp_path / "rl.jsonl"),)))
+    trainer = grpo.GRPOTrainer(config, mesh, config.model, tok)
+    assert trainer.total_steps == 39 // 4 == 9
+    assert "39 RL rows kept, 9 steps of 4 prompts per epoch x 1 epochs" in capsys.readouterr().out
+    got = [float(trainer.lr_schedule(u)) for u in range(2 * 9)]
+    want = [2.0 * verl_lr_factor(u // 2, style=style, warmup_ratio=ratio, total_steps=9, min_lr_ratio=floor)
+            for u in range(2 * 9)]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert got[0] == got[1] and got[2] == got[3]  # a rollout step's updates share one lr
+  # 'update': 18 updates, warmup ceil(0.15 x 18) = 3 (verl's rule would give int(0.15 x 9) = 1 rollout step).
+  opt = OptimizerConfig(lr=2.0, schedule="constant", warmup_ratio=0.15)
+  config = TrainConfig(trainer="grpo", model=F.tiny_config(), batch_size=4, num_steps=0, optimizer=opt,
+                       grpo=GRPOConfig(rollouts_per_prompt=2, max_prompt_tokens=64, overlong_prompts="drop",
+                                       schedule_unit="update"),
+                       rl_data=RLDataConfig(train_files=(str(tmp_path / "rl.jsonl"),)))
+  trainer = grpo.GRPOTrainer(config, mesh, config.model, tok)
+  np.testing.assert_allclose([float(trainer.lr_schedule(u)) for u in range(4)], [0.0, 2 / 3, 4 / 3, 2.0], rtol=1e-6)
+  with pytest.raises(ValueError, match=r"GRPOConfig.schedule_unit: 'epoch' is not 'rollout_step' or 'update'"):
+    grpo.GRPOTrainer(dataclasses.replace(config, grpo=dataclasses.replace(config.grpo, schedule_unit="epoch")), mesh,
+                     config.model, tok)
 
 
 # ---------------------------------------------------------------- RL prompts as verl renders them
