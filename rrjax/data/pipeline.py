@@ -4,8 +4,9 @@
   {"tokens", "loss_mask", "segment_ids", "positions", "sample_group"}: int32 [batch_size, seq_len] each,
 where segment_ids number the examples in a row from 1 (0 = padding), positions restart at 0 for each example
 (0 on padding), and sample_group is the loss-normalisation group of each token's example (1-based, 0 on
-padding): the device that example would have trained on upstream (see `pack_samples`, `loss_groups`). Its `get_state()` / `set_state()` are the checkpointable state: restoring
-a saved state on a fresh iterator built with the same arguments yields exactly the remaining batches.
+padding): the device that example would have trained on upstream (see `pack_samples`, `loss_groups`). Its
+`get_state()` / `set_state()` are the checkpointable state: restoring a saved state on a fresh iterator built
+with the same arguments yields exactly the remaining batches.
 
 Order of operations: global seeded shuffle (a new permutation each epoch) -> repeat(num_epochs) ->
 process slice `[process_index::process_count]` of that stream (disjoint, covering) -> pack/pad -> batch.
