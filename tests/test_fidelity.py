@@ -55,9 +55,18 @@ def verl_policy_loss(old_log_prob, log_prob, advantages, response_mask, clip_low
 
 
 def verl_low_var_kl(logprob, ref_logprob):
-  """core_algos.kl_penalty(..., "low_var_kl")."""
-  kl = np.clip(ref_logprob - logprob, -20, 20)
+  """core_algos.kl_penalty(..., "low_var_kl") in v0.4.0 (core_algos.py:594-598): only the result is clamped."""
+  kl = ref_logprob - logprob
   return np.clip(np.exp(kl) - kl - 1, -10, 10)
+
+
+def test_low_var_kl_is_verl_040s_everywhere():
+  """rrjax also clamps the log-ratio to [-20, 20] (v0.4.1's form, keeping exp finite): the same values."""
+  logp = np.linspace(-60.0, 0.0, 241)
+  ref = np.linspace(-5.0, -45.0, 241)[::-1]
+  want = verl_low_var_kl(logp.astype(np.float64), ref.astype(np.float64))
+  assert (want == 10).any() and (want < 10).any()
+  np.testing.assert_allclose(np.asarray(grpo.low_var_kl(jnp.asarray(logp), jnp.asarray(ref))), want, rtol=1e-5, atol=1e-6)
 
 
 def verl_update_loss(logp, old, ref, adv, mask, *, ranks, micro_per_gpu, g, mode="token-mean"):

@@ -81,7 +81,9 @@ def policy_loss(logp_BxT, old_logp_BxT, adv_B, mask_BxT, *, clip_low, clip_high,
 
 
 def low_var_kl(logp_BxT, ref_logp_BxT):
-  """k3 = exp(ref - logp) - (ref - logp) - 1, clamped as verl does."""
+  """k3 = exp(ref - logp) - (ref - logp) - 1 clamped to [-10, 10], verl 0.4.0's (core_algos.py:594-598). The
+  log-ratio is clamped to [-20, 20] first (as verl 0.4.1 does): no value changes (beyond 20 either way k3 > 10),
+  and exp stays finite, so the clamped-away gradient is 0, not 0 x inf."""
   kl = jnp.clip(ref_logp_BxT - logp_BxT, -20.0, 20.0)
   return jnp.clip(jnp.exp(kl) - kl - 1.0, -10.0, 10.0)
 
