@@ -2,6 +2,7 @@
 scaling, balance_batch) and HF Trainer 4.52 (SFT loss normalisation under gradient accumulation), the RL
 prompt rendering of verl's RLHFDataset, and verl's skipping of non-finite updates (see rrjax/train/UPSTREAM.md)."""
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -13,6 +14,7 @@ from flax import nnx
 
 import train_fixtures as F
 from rrjax import sharding
+from rrjax.data import pipeline
 from rrjax.data import rl as rl_data
 from rrjax.model.qwen2 import Qwen2
 from rrjax.train import grpo, loop, sft
@@ -53,9 +55,18 @@ def verl_policy_loss(old_log_prob, log_prob, advantages, response_mask, clip_low
 
 
 def verl_low_var_kl(logprob, ref_logprob):
-  """core_algos.kl_penalty(..., "low_var_kl")."""
-  kl = np.clip(ref_logprob - logprob, -20, 20)
+  """core_algos.kl_penalty(..., "low_var_kl") in v0.4.0 (core_algos.py:594-598): only the result is clamped."""
+  kl = ref_logprob - logprob
   return np.clip(np.exp(kl) - kl - 1, -10, 10)
+
+
+def test_low_var_kl_is_verl_040s_everywhere():
+  """rrjax also clamps the log-ratio to [-20, 20] (v0.4.1's form, keeping exp finite): the same values."""
+  logp = np.linspace(-60.0, 0.0, 241)
+  ref = np.linspace(-5.0, -45.0, 241)[::-1]
+  want = verl_low_var_kl(logp.astype(np.float64), ref.astype(np.float64))
+  assert (want == 10).any() and (want < 10).any()
+  np.testing.assert_allclose(np.asarray(grpo.low_var_kl(jnp.asarray(logp), jnp.asarray(ref))), want, rtol=1e-5, atol=1e-6)
 
 
 def verl_update_loss(logp, old, ref, adv, mask, *, ranks, micro_per_gpu, g, mode="token-mean"):
@@ -193,6 +204,69 @@ def test_sft_per_device_normalisation_matches_hf_trainer():
   assert abs(float(m_glob["loss"]) - want) > 1e-4
 
 
+def _examples(rng, lengths):
+  out = []
+  for n in lengths:
+    start = rng.integers(1, n - 1)  # ragged prompts: at least one label token each
+    out.append({"tokens": rng.integers(3, 512, n).astype(np.int32),
+                "loss_mask": (np.arange(n) >= start).astype(np.int32)})
+  return out
+
+
+@pytest.mark.slow
+def test_sft_packed_per_device_normalisation_matches_hf_trainer():
+  """packing='samples' on 8 devices: 16 examples packed longest-first into rows whose 8 shards include
+  all-padding ones, each example weighted by its device's label count (the examples in draw order, 2 per
+  device, as 2 accumulation micro-batches of 1): HF's loss and gradient. Then a last batch of 6 examples:
+  the 2 groups left empty add nothing and the 6 others are averaged over 6 (not 8)."""
+  cfg = F.tiny_config(tie_word_embeddings=False)
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=8))
+  T, most = 64, 16
+  tx = optax.sgd(1.0)  # the update is minus the gradient
+  lay = state_lib.layout(lambda: Qwen2(cfg, rngs=nnx.Rngs(0)), tx, mesh)
+  step = jax.jit(sft.make_train_step(lay.graphdef, tx, lambda s: 1.0, 8, shards=8,
+                                     loss_norm="per_device_token_mean", loss_groups=8))
+  graphdef, p0 = nnx.split(Qwen2(cfg, rngs=nnx.Rngs(0)))
+
+  @jax.jit
+  def reference(p, alone, coef):
+    """Each example alone on its own padded row: NLL sums and label counts, and the gradient of sum coef x NLL."""
+    def weighted(p):
+      nll, labels = jax.vmap(lambda one: sft.token_nll_sums(nnx.merge(graphdef, p), one))(alone)
+      return jnp.sum(coef * nll), (nll, labels)
+    return jax.grad(weighted, has_aux=True)(p)
+
+  rng = np.random.default_rng(3)
+  for lengths, devices, accumulation in (([40, 6, 22, 9, 30, 12, 5, 17, 26, 8, 11, 35, 7, 14, 20, 10], 8, 2),
+                                         ([31, 9, 24, 6, 40, 13], 6, 1)):
+    examples = _examples(rng, lengths)
+    batch = pipeline.pack_samples(examples, T, row_multiple=8, loss_groups=8)
+    shard_tokens = (batch["segment_ids"] > 0).reshape(8, -1).sum(axis=1)
+    assert (shard_tokens == 0).any() and (shard_tokens > 0).sum() >= 2, shard_tokens  # all-padding shards
+    assert len(np.unique(batch["sample_group"][batch["segment_ids"] > 0])) == devices
+    state = state_lib.init_state(Qwen2(cfg, rngs=nnx.Rngs(0)), tx, lay, 0)
+    params = jax.device_get(state.params)
+    with jax.set_mesh(mesh):
+      new, metrics = step(state, {k: jnp.asarray(v) for k, v in batch.items()})
+    grads = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), params, jax.device_get(new.params))
+
+    padded = examples + [{"tokens": np.zeros(0, np.int32), "loss_mask": np.zeros(0, np.int32)}] * (most - len(lengths))
+    alone = {k: jnp.asarray(np.stack([pipeline._pad(e, T, 0)[k] for e in padded]))[:, None]
+             for k in pipeline.BATCH_KEYS}
+    labels = pipeline.next_token_targets({k: np.asarray(v[:, 0]) for k, v in alone.items()})[1].sum(axis=1)
+    labels = labels[:len(lengths)].astype(np.float64)
+    per_device = len(lengths) // devices
+    coef = [1.0 / (devices * labels[i // per_device * per_device:(i // per_device + 1) * per_device].sum())
+            for i in range(len(lengths))]
+    want_grads, (nll, counted) = reference(p0, alone, jnp.asarray(coef + [0.0] * (most - len(lengths)), jnp.float32))
+    assert np.asarray(counted)[:len(lengths)].tolist() == labels.tolist()
+    want = hf_trainer_objective(np.asarray(nll, np.float64)[:len(lengths)], labels, devices=devices,
+                                accumulation=accumulation)
+    assert abs(float(metrics["loss"]) - want) < 1e-5, (float(metrics["loss"]), want)
+    for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(want_grads)), jax.tree.leaves(grads)):
+      np.testing.assert_allclose(b, a, atol=2e-6)
+
+
 def test_warmup_is_ceil_of_ratio_times_steps():
   from rrjax.train import optim
   from rrjax.train.config import OptimizerConfig
@@ -200,6 +274,59 @@ def test_warmup_is_ceil_of_ratio_times_steps():
   assert optim.warmup_steps(c, 45) == 5 and optim.warmup_steps(c, 41) == 5 and optim.warmup_steps(c, 40) == 4
   lr = optim.schedule(c, 45)
   assert float(lr(4)) < 1.0 and abs(float(lr(5)) - 1.0) < 1e-6
+
+
+# ---------------------------------------------------------------- verl 0.4.0 run length and lr schedule
+
+
+def verl_lr_factor(step, *, style, warmup_ratio, total_steps, min_lr_ratio=0.0, num_cycles=0.5):
+  """fsdp_workers.py:352-367 (warmup int(ratio x total)) with torch_functional.py:496-501 (cosine) and
+  :523-526 (constant): the LambdaLR factor at scheduler step `step`."""
+  warmup = int(warmup_ratio * total_steps)
+  if style == "constant":
+    return float(step) / float(max(1.0, warmup)) if step < warmup else 1.0
+  if step < warmup:
+    return min_lr_ratio + (1.0 - min_lr_ratio) * (float(step) / float(max(1, warmup)))
+  progress = float(step - warmup) / float(max(1, total_steps - warmup))
+  x = np.cos(np.pi * float(num_cycles) * 2.0 * progress)
+  return max(min_lr_ratio, x * (1 - min_lr_ratio) * 0.5 + (1 + min_lr_ratio) * 0.5)
+
+
+def test_grpo_runs_one_epoch_of_kept_rows_with_verls_schedule(tmp_path, capsys):
+  """verl's total_epochs=1: steps = kept rows // prompts per step (overlong prompts dropped first), printed.
+  The lr of every update is verl's scheduler at the update's rollout step (one scheduler step per rollout step,
+  warmup int(ratio x steps)); 'update' counts updates with HF's ceil warmup instead."""
+  from rrjax.train.config import OptimizerConfig, RLDataConfig, TrainConfig
+  tok = F.small_tokenizer(tmp_path / "tok")
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
+  rows = [rl_data.RLRow(prompt=" ".join(["passage"] * 300) if i in (3, 17) else f"cost {i}",
+                        gold_ranking="[1] > [2]", initial_list=("a", "b"), final_list=("a", "b"),
+                        relevant_docids=("a",), qid=str(i)) for i in range(41)]
+  rl_data.write_rl_jsonl(tmp_path / "rl.jsonl", rows)
+  for style, ratio, floor in (("constant", 0.15, 0.0), ("cosine", 0.3, 0.1)):
+    opt = OptimizerConfig(lr=2.0, schedule=style, warmup_ratio=ratio, final_lr_ratio=floor)
+    g = GRPOConfig(rollouts_per_prompt=2, updates_per_step=2, max_prompt_tokens=64, overlong_prompts="drop")
+    config = TrainConfig(trainer="grpo", model=F.tiny_config(), batch_size=4, num_steps=0, num_epochs=1, grpo=g,
+                         optimizer=opt, rl_data=RLDataConfig(train_files=(str(tmp_path / "rl.jsonl"),)))
+    trainer = grpo.GRPOTrainer(config, mesh, config.model, tok)
+    assert trainer.total_steps == 39 // 4 == 9
+    assert "39 RL rows kept, 9 steps of 4 prompts per epoch x 1 epochs" in capsys.readouterr().out
+    got = [float(trainer.lr_schedule(u)) for u in range(2 * 9)]
+    want = [2.0 * verl_lr_factor(u // 2, style=style, warmup_ratio=ratio, total_steps=9, min_lr_ratio=floor)
+            for u in range(2 * 9)]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert got[0] == got[1] and got[2] == got[3]  # a rollout step's updates share one lr
+  # 'update': 18 updates, warmup ceil(0.15 x 18) = 3 (verl's rule would give int(0.15 x 9) = 1 rollout step).
+  opt = OptimizerConfig(lr=2.0, schedule="constant", warmup_ratio=0.15)
+  config = TrainConfig(trainer="grpo", model=F.tiny_config(), batch_size=4, num_steps=0, optimizer=opt,
+                       grpo=GRPOConfig(rollouts_per_prompt=2, max_prompt_tokens=64, overlong_prompts="drop",
+                                       schedule_unit="update"),
+                       rl_data=RLDataConfig(train_files=(str(tmp_path / "rl.jsonl"),)))
+  trainer = grpo.GRPOTrainer(config, mesh, config.model, tok)
+  np.testing.assert_allclose([float(trainer.lr_schedule(u)) for u in range(4)], [0.0, 2 / 3, 4 / 3, 2.0], rtol=1e-6)
+  with pytest.raises(ValueError, match=r"GRPOConfig.schedule_unit: 'epoch' is not 'rollout_step' or 'update'"):
+    grpo.GRPOTrainer(dataclasses.replace(config, grpo=dataclasses.replace(config.grpo, schedule_unit="epoch")), mesh,
+                     config.model, tok)
 
 
 # ---------------------------------------------------------------- RL prompts as verl renders them

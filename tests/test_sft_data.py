@@ -253,6 +253,31 @@ def test_packing_by_samples_keeps_the_count_and_whole_micro_batches():
     pipeline.packing_mode("bins")
 
 
+def test_packed_samples_keep_the_device_they_were_drawn_for():
+  """packing='samples' with 4 loss groups (devices) on each of 2 processes: group g of a batch holds the g-th
+  quarter of that process's draw (the stream order an unpacked run trains in; a last batch of 4, one each),
+  numbered after the other process's groups, whatever rows the longest-first packing puts them in."""
+  src = _synthetic(40)
+  kw = dict(batch_size=8, seq_len=12, seed=4, process_count=2, read_options=OPTS)
+  for p in range(2):
+    drawn = [i for i, _, _ in _segments(pipeline.make_sft_iterator(src, packing=False, process_index=p, **kw))]
+    packed = list(pipeline.make_sft_iterator(src, packing="samples", row_multiple=2, loss_groups=4, process_index=p,
+                                             **kw))
+    mixed = 0
+    for b, batch in enumerate(packed):
+      seg, grp = batch["segment_ids"], batch["sample_group"]
+      assert (grp[seg == 0] == 0).all()
+      for row in range(seg.shape[0]):
+        mixed += len(np.unique(grp[row][seg[row] > 0])) > 1
+        for s in np.unique(seg[row][seg[row] > 0]):
+          (example,) = {int(t) // 1000 - 1 for t in batch["tokens"][row][seg[row] == s]}
+          (group,) = set(grp[row][seg[row] == s].tolist())
+          within, size = drawn.index(example) - 8 * b, min(8, len(drawn) - 8 * b)  # the last batch: 4 examples
+          parts = np.array_split(np.arange(size), 4)
+          assert within in parts[group - 1 - 4 * p], (example, group)
+    assert mixed > 0  # packing crosses groups: the weights, not the rows, carry the devices
+
+
 def test_long_example_is_cut_to_seq_len():
   src = [{"tokens": np.arange(20, dtype=np.int32), "loss_mask": np.ones(20, np.int32)}]
   (b,) = list(pipeline.make_sft_iterator(src, batch_size=1, seq_len=8, seed=0))

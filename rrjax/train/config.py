@@ -44,7 +44,8 @@ class SFTDataConfig:
   seq_len: int = 23552
   # False: one example per row, padded to seq_len. True ('rows'): batch_size rows, filled first-fit (the
   # number of examples per step varies). 'samples': batch_size examples per step (LLaMA-Factory's count),
-  # packed into as few rows as hold them, whole micro-batches; the step compiles once per row count.
+  # packed into as few rows as hold them, whole micro-batches; the step compiles once per row count. Each
+  # sample keeps the loss weight of the device it was drawn for (TrainConfig.loss_norm).
   packing: bool | str = True
   shuffle: bool = True
   data_dir: str | None = None  # where the TFDS ArrayRecord build goes; default <run_dir>/data
@@ -91,6 +92,11 @@ class GRPOConfig:
   # this many skipped in a row stop the run, naming the last good checkpoint.
   max_consecutive_skips: int = 3
   rollout_batch_size: int | None = None  # rows per generate call (None: all rollouts at once)
+  # What the learning-rate schedule counts. 'rollout_step' (verl 0.4.0): the scheduler steps once per rollout
+  # step, after all of its updates (fsdp_workers.py:594), so a step's updates share one lr; the schedule spans
+  # the run's rollout steps and its warmup is int(warmup_ratio x steps) (fsdp_workers.py:359). 'update': one
+  # schedule step per optimizer update over steps x updates_per_step, warmup rounded up (HF's rule, as SFT).
+  schedule_unit: str = "rollout_step"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,9 +128,10 @@ class TrainConfig:
   # Positions of each sequence whose [chunk, vocab] logits exist at once in the loss (and GRPO's log-probs);
   # 0 = the whole sequence at once (the reference path: same values, [T, V] float32 in memory).
   loss_chunk_tokens: int = 1024
-  # SFT loss normalisation. 'per_device_token_mean': each data shard's rows (its grad_accum micro-batches) are
-  # normalised by that shard's own label count, then shards averaged: HF Trainer < 4.54 under DeepSpeed, what
-  # LLaMA-Factory ran for ReasonRank. 'global_token_mean': one token mean over the global batch.
+  # SFT loss normalisation. 'per_device_token_mean': each device's samples (its grad_accum micro-batches; with
+  # packing, the samples the data pipeline assigned to its group, wherever their rows lie) are normalised by their
+  # own label count, then the devices averaged: HF Trainer 4.52 under DeepSpeed, what LLaMA-Factory ran for
+  # ReasonRank (rrjax/train/UPSTREAM.md). 'global_token_mean': one token mean over the global batch.
   loss_norm: str = "global_token_mean"
   preflight: bool = True  # compile every program before the first step; write preflight.json
   num_steps: int = 0

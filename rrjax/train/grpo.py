@@ -81,7 +81,9 @@ def policy_loss(logp_BxT, old_logp_BxT, adv_B, mask_BxT, *, clip_low, clip_high,
 
 
 def low_var_kl(logp_BxT, ref_logp_BxT):
-  """k3 = exp(ref - logp) - (ref - logp) - 1, clamped as verl does."""
+  """k3 = exp(ref - logp) - (ref - logp) - 1 clamped to [-10, 10], verl 0.4.0's (core_algos.py:594-598). The
+  log-ratio is clamped to [-20, 20] first (as verl 0.4.1 does): no value changes (beyond 20 either way k3 > 10),
+  and exp stays finite, so the clamped-away gradient is 0, not 0 x inf."""
   kl = jnp.clip(ref_logp_BxT - logp_BxT, -20.0, 20.0)
   return jnp.clip(jnp.exp(kl) - kl - 1.0, -10.0, 10.0)
 
@@ -328,8 +330,15 @@ class GRPOTrainer:
       self.total_steps = max(config.num_steps, 1)
     else:
       self._load_rows(rows)
-    # verl counts the schedule in optimizer updates, not in rollout steps.
-    self.tx, self.lr_schedule = optim.make_optimizer(config.optimizer, self.total_steps * g.updates_per_step)
+    # verl 0.4.0 steps its lr scheduler once per rollout step, after the step's updates (fsdp_workers.py:594), over
+    # total_training_steps rollout steps with an int() warmup (:359); 'update' counts optimizer updates instead.
+    if g.schedule_unit == "rollout_step":
+      self.tx, self.lr_schedule = optim.make_optimizer(config.optimizer, self.total_steps, rule="verl",
+                                                       updates_per_count=g.updates_per_step)
+    elif g.schedule_unit == "update":
+      self.tx, self.lr_schedule = optim.make_optimizer(config.optimizer, self.total_steps * g.updates_per_step)
+    else:
+      raise ValueError(f"GRPOConfig.schedule_unit: {g.schedule_unit!r} is not 'rollout_step' or 'update'")
     self.lora = bool(config.lora.rank)
     self.ref_params = None
     self.consecutive_skips = 0
@@ -361,10 +370,15 @@ class GRPOTrainer:
             f"GRPOConfig.max_prompt_tokens={g.max_prompt_tokens}", flush=True)
     if not self.rows:
       raise ValueError(f"GRPO: every RL row's prompt is longer than GRPOConfig.max_prompt_tokens={g.max_prompt_tokens}")
+    # verl: total_training_steps = len(train_dataloader) x total_epochs, the loader dropping the last partial
+    # batch (ray_trainer.py:590, :567 at ReasonRank 06721fd).
     per_epoch = len(self.rows) // c.batch_size
     self.total_steps = c.num_steps if c.num_steps > 0 else per_epoch * c.num_epochs
     if self.total_steps <= 0:
       raise ValueError(f"GRPO: {len(self.rows)} rows give no step of {c.batch_size} prompts")
+    if c.num_steps <= 0:
+      print(f"rrjax.train: GRPO: {len(self.rows)} RL rows kept, {per_epoch} steps of {c.batch_size} prompts per epoch "
+            f"x {c.num_epochs} epochs (TrainConfig.num_epochs) = {self.total_steps} steps", flush=True)
 
   # -- loop interface
 

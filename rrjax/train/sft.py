@@ -1,11 +1,13 @@
 """Supervised fine-tuning on ReasonRank reasoning chains (upstream: LLaMA-Factory, full or LoRA).
 
 Loss: the next-token cross-entropy over response tokens only, normalised by `TrainConfig.loss_norm`: the
-token mean over the whole global batch ('global_token_mean'), or, as LLaMA-Factory ran under HF Trainer
-< 4.54 and DeepSpeed, each data shard's token mean over its own grad_accum micro-batches, averaged over the
-shards ('per_device_token_mean'). Either is a per-token weight computed from the batch's label counts, so the
-micro-batches only sum. Log-probs come a chunk of positions at a time (rrjax.train.logprobs): [T, V] logits
-never exist whole.
+token mean over the whole global batch ('global_token_mean'), or, as LLaMA-Factory ran under HF Trainer and
+DeepSpeed, each device's token mean over its own grad_accum micro-batches, averaged over the devices
+('per_device_token_mean'). A device here is a group of samples (the batch's "sample_group", see
+rrjax.data.pipeline): with packing, a sample's row may lie on any device, and its weight is still
+1 / (groups with labels x its group's label count). Either norm is a per-token weight computed from the batch's
+label counts, so the micro-batches only sum. Log-probs come a chunk of positions at a time
+(rrjax.train.logprobs): [T, V] logits never exist whole.
 """
 
 from __future__ import annotations
@@ -38,35 +40,47 @@ LOSS_NORMS = ("global_token_mean", "per_device_token_mean")
 
 def token_nll_sums(model, batch, chunk_tokens: int = 0):
   """(sum of masked next-token NLL, number of masked tokens) for one micro-batch; log-probs `chunk_tokens`
-  positions at a time (0: the whole sequence at once). A "row_scale" [B] in the batch weights each row's sum."""
+  positions at a time (0: the whole sequence at once). A "loss_scale" [B, T] in the batch weights each token."""
   hidden_BxTxD, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
   targets_BxT, weights_BxT = pipeline.next_token_targets(batch, xp=jnp)
   logp_BxT, _ = logprobs.token_logprobs(model, hidden_BxTxD, targets_BxT, chunk=chunk_tokens)
   weights_BxT = weights_BxT.astype(jnp.float32)
-  scaled_BxT = weights_BxT * batch["row_scale"][:, None] if "row_scale" in batch else weights_BxT
+  scaled_BxT = weights_BxT * batch["loss_scale"] if "loss_scale" in batch else weights_BxT
   return -jnp.sum(logp_BxT * scaled_BxT), jnp.sum(weights_BxT)
 
 
-def row_scales(batch, loss_norm: str, shards: int):
-  """[N] factors that turn summed per-row NLL into the normalised loss: 1 / (all label tokens), or
-  1 / (shards x the label tokens of the row's shard: its contiguous block of N / shards rows)."""
+def token_scales(batch, loss_norm: str, groups: int):
+  """[N, T] factors that turn summed per-token NLL into the normalised loss: 1 / (all label tokens), or
+  1 / (groups with labels x the label tokens of the token's group). Groups are the batch's "sample_group"
+  (1..groups, 0 on padding), else `groups` contiguous blocks of rows (one per data shard). HF Trainer divides
+  each device's loss by its own label count (transformers 4.52.4 trainer.py:5285) and DeepSpeed averages the
+  devices' gradients; a group without labels (never upstream: its sampler fills every device) adds nothing and
+  does not shrink the others."""
   _, weights_NxT = pipeline.next_token_targets(batch, xp=jnp)
-  per_row = jnp.sum(weights_NxT.astype(jnp.float32), axis=1)
+  weights_NxT = weights_NxT.astype(jnp.float32)
   if loss_norm == "global_token_mean":
-    return jnp.full(per_row.shape, 1.0 / jnp.maximum(jnp.sum(per_row), 1.0))
-  if loss_norm == "per_device_token_mean":
-    per_shard = jnp.sum(per_row.reshape(shards, -1), axis=1, keepdims=True)
-    return jnp.broadcast_to(1.0 / (jnp.maximum(per_shard, 1.0) * shards), (shards, per_row.shape[0] // shards)
-                            ).reshape(-1)
-  raise ValueError(f"TrainConfig.loss_norm: {loss_norm!r} is not one of {LOSS_NORMS}")
+    return jnp.full(weights_NxT.shape, 1.0 / jnp.maximum(jnp.sum(weights_NxT), 1.0))
+  if loss_norm != "per_device_token_mean":
+    raise ValueError(f"TrainConfig.loss_norm: {loss_norm!r} is not one of {LOSS_NORMS}")
+  if "sample_group" in batch:
+    group_NxT = jnp.asarray(batch["sample_group"])
+  else:
+    rows = weights_NxT.shape[0]
+    group_NxT = jnp.broadcast_to((jnp.arange(rows) * groups // rows + 1)[:, None], weights_NxT.shape)
+  counts_G = jax.ops.segment_sum(weights_NxT.reshape(-1), group_NxT.reshape(-1), num_segments=groups + 1)
+  counts_G = counts_G.at[0].set(0.0)  # padding
+  with_labels = jnp.maximum(jnp.sum(counts_G > 0), 1)
+  scale_G = jnp.where(counts_G > 0, 1.0 / (jnp.maximum(counts_G, 1.0) * with_labels), 0.0)
+  return scale_G[group_NxT]
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, micro_rows: int | None = None, *,
                     shards: int = 1, chunk_tokens: int = 0, loss_norm: str = "global_token_mean",
-                    loss_sums=token_nll_sums):
+                    loss_groups: int | None = None, loss_sums=token_nll_sums):
   """A pure step: (state, batch of [N, T] arrays) -> (state, metrics). The batch is split into micro-batches
   of `micro_rows` rows (None: one), each of the `shards` data shards feeding every micro-batch from its own
-  rows; per-row weights (`row_scales`) make the accumulated gradient that of the normalised loss."""
+  rows; per-token weights (`token_scales` over `loss_groups` groups, default one per shard) make the
+  accumulated gradient that of the normalised loss."""
   if loss_norm not in LOSS_NORMS:
     raise ValueError(f"TrainConfig.loss_norm: {loss_norm!r} is not one of {LOSS_NORMS}")
 
@@ -77,7 +91,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, mic
   def step(state: TrainState, batch: dict[str, jax.Array]):
     rows = batch["tokens"].shape[0]
     steps = rows // (micro_rows or rows)
-    batch = dict(batch, row_scale=row_scales(batch, loss_norm, shards))
+    batch = dict(batch, loss_scale=token_scales(batch, loss_norm, loss_groups or shards))
     micro = micro_batches(batch, steps, shards if steps > 1 else 1)
     loss, aux, grads = scan_gradients(lambda p, mb: sums(p, state.frozen, mb), state.params, micro)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state.step),
@@ -124,6 +138,8 @@ class SFTTrainer:
                        f"{self.processes} processes")
     # Rows of one micro-step over all devices; with packing='samples' the number of micro-steps varies.
     self.micro_rows = config.batch_size // config.grad_accum
+    # Loss-normalisation groups, one per data shard (upstream: one per GPU); each process draws its own devices'.
+    self.local_groups = max(1, self.shards // self.processes)
     if self.micro_rows % self.processes:
       raise ValueError(f"TrainConfig.batch_size / grad_accum = {self.micro_rows} rows per micro-step is not "
                        f"divisible by {self.processes} processes")
@@ -148,7 +164,8 @@ class SFTTrainer:
     return pipeline.make_sft_iterator(
         self.source, batch_size=c.batch_size // self.processes, seq_len=c.sft_data.seq_len, seed=c.seed,
         shuffle=c.sft_data.shuffle, num_epochs=num_epochs, process_index=jax.process_index(),
-        process_count=self.processes, packing=c.sft_data.packing, row_multiple=self.micro_rows // self.processes)
+        process_count=self.processes, packing=c.sft_data.packing, row_multiple=self.micro_rows // self.processes,
+        loss_groups=self.local_groups)
 
   def _count_batches(self) -> int:
     return sum(1 for _ in self._iterator(self.config.num_epochs))
@@ -164,7 +181,8 @@ class SFTTrainer:
     """Receives the state layout (graphdef and shardings) from the loop before the first step."""
     self.lay = lay
     step = make_train_step(lay.graphdef, self.tx, self.lr_schedule, self.micro_rows, shards=self.shards,
-                           chunk_tokens=self.config.loss_chunk_tokens, loss_norm=self.config.loss_norm)
+                           chunk_tokens=self.config.loss_chunk_tokens, loss_norm=self.config.loss_norm,
+                           loss_groups=self.local_groups * self.processes)
     self._step = jax.jit(step, in_shardings=(lay.shardings, self.batch_sharding),
                          out_shardings=(lay.shardings, None), donate_argnums=(0,))
 
