@@ -16,7 +16,7 @@ from flax import nnx
 
 import hf_reference
 import rrjax
-from rrjax import decode
+from rrjax import decode, tokenizer
 from rrjax.model import hf, lora
 from rrjax.model.lora import LoraConfig
 from rrjax.model.qwen2 import QWEN3_SIZES, Qwen2, Qwen2Config
@@ -82,6 +82,7 @@ def test_import_and_export_round_trip(pair, tmp_path):
       "qwen3", ["Qwen3ForCausalLM"], False)
   back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
   assert type(back) is transformers.Qwen3ForCausalLM
+  assert tokenizer.load(out).think_ids == (151667, 151668)  # the bundled Qwen3 tokenizer goes with it
   np.testing.assert_allclose(hf_reference.torch_logits(back, tokens), expected, atol=TOL, rtol=0)
   original = safetensors.numpy.load_file(tmp_path / "hf" / "model.safetensors")
   again = safetensors.numpy.load_file(out / "model.safetensors")

@@ -311,7 +311,7 @@ def save_pretrained(model: Qwen2, path: str | os.PathLike, *, dtype: str | None 
   """Writes an HF directory that transformers' AutoModelForCausalLM loads, with the same logits. Atomic: a
   temporary sibling directory is renamed into place only when every file is written. `dtype`: the tensors'
   (default: the parameters'); shards of at most `max_shard_bytes`; the tokenizer files of `tokenizer`
-  (default: the bundled Qwen2.5 one).
+  (default: the bundled one of the model's family, Qwen2.5's or Qwen3's).
 
   Multi-host: every process must call it (each tensor is gathered from all of them); process 0 writes.
   """
@@ -369,7 +369,7 @@ def _save_hf(model: Qwen2, path: Path, *, dtype: str | None, max_shard_bytes: in
     if n > 1:
       index = {"metadata": {"total_size": total}, "weight_map": weight_map}
       (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    tok = tokenizer or tokenizer_lib.load()
+    tok = tokenizer or tokenizer_lib.load(model_type=model.config.model_type)
     c, generation = _special_ids(model.config, tok)
     (tmp / "config.json").write_text(json.dumps(c.to_hf_dict(torch_dtype), indent=2))
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))

@@ -190,7 +190,8 @@ def load_model(args: argparse.Namespace, settings: RerankSettings):
   from rrjax.checkpoints import from_pretrained
 
   mesh = local_mesh(args.model, settings.mesh, args.dtype)
-  return from_pretrained(args.model, dtype=args.dtype, mesh=mesh), tokenizer_lib.load(args.model), mesh
+  model = from_pretrained(args.model, dtype=args.dtype, mesh=mesh)
+  return model, tokenizer_lib.load(args.model, model_type=model.config.model_type), mesh
 
 
 def main(argv: Sequence[str] | None = None, *, loaded=None) -> int:
