@@ -31,7 +31,7 @@ import gin
 from rrjax import distributed, gin_config
 from rrjax.data import benchmarks
 from rrjax.ranking import rerank_loop as loop
-from rrjax.ranking.prompt import PROMPT_MODES
+from rrjax.ranking.prompt import PROMPT_MODES, UPSTREAM_MODES
 from rrjax.rerank import report as report_lib
 from rrjax.rerank.runner import rerank
 from rrjax.rerank.settings import FIELDS, RerankSettings
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
   flags.add_argument("--temperature", type=float)
   flags.add_argument("--top-p", type=float)
   flags.add_argument("--seed", type=int)
-  flags.add_argument("--prompt-mode", choices=PROMPT_MODES)
+  flags.add_argument("--prompt-mode", choices=PROMPT_MODES + tuple(UPSTREAM_MODES))
   flags.add_argument("--max-queries", type=_positive, help="only the run's first N queries")
   flags.add_argument("--tag", help="the run's tag column")
   return ap
