@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: replicas when the model fits one device, else tensor parallelism)")
   flags.add_argument("--temperature", type=float)
   flags.add_argument("--top-p", type=float)
+  flags.add_argument("--sampling-top-k", type=int, help="decoding's top-k (0: off; --top-k is the candidates)")
+  flags.add_argument("--min-p", type=float, help="decoding's min-p (0: off)")
   flags.add_argument("--seed", type=int)
   flags.add_argument("--prompt-mode", choices=PROMPT_MODES + tuple(UPSTREAM_MODES))
   flags.add_argument("--max-queries", type=_positive, help="only the run's first N queries")

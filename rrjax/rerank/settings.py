@@ -26,6 +26,9 @@ class RerankSettings:
   batch_size: int | None = None  # decode slots; None: as many as the memory budget holds
   temperature: float = 0.0
   top_p: float = 1.0
+  # Decoding's top-k and min-p (0: off), as vLLM applies them (rrjax.sampling); `top_k` above is the candidates.
+  sampling_top_k: int = 0
+  min_p: float = 0.0
   seed: int = 0
   # reasoning (rank_GPT_reasoning: 7B, 32B) | plain (rank_GPT) | qwen3 (rank_GPT_qwen3: 8B); upstream's names work too
   prompt_mode: str = "reasoning"
@@ -57,6 +60,8 @@ class RerankSettings:
       raise ValueError(f"min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}")
     if self.temperature < 0 or not 0 < self.top_p <= 1:
       raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+    if not isinstance(self.sampling_top_k, int) or self.sampling_top_k < 0 or not 0 <= self.min_p <= 1:
+      raise ValueError(f"need sampling_top_k >= 0 and 0 <= min_p <= 1, got {self.sampling_top_k!r}, {self.min_p!r}")
     if self.mesh is not None and not isinstance(self.mesh, MeshConfig):
       raise ValueError(f"mesh must be a MeshConfig (gin: @MeshConfig()) or None, got {self.mesh!r}")
     if not self.tag or any(c.isspace() for c in self.tag):
