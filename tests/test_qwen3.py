@@ -1,6 +1,7 @@
 """Qwen3 (q/k norms, no attention bias, explicit head_dim) against transformers' Qwen3ForCausalLM (torch, float32):
 logits after import and after an export round trip, greedy generation through the engine, the presets."""
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -179,3 +180,45 @@ def test_sampling_with_min_p_is_reproducible_across_slot_counts():
   assert runs[0] == runs[1] == runs[2]
   assert runs[0] != decode.generate(model, prompts, **{**kw, "seed": 12}).tokens
   assert runs[0] != decode.generate(model, prompts, max_new_tokens=12, stop_ids=()).tokens  # sampled, not greedy
+
+
+@pytest.mark.slow
+def test_8b_rerank_config_compiles_for_its_tpu_slice_at_reduced_layers(tmp_path):
+  """configs/rerank/reasonrank_8b_v5e.gin on v5e:2x2 (one replica of tensor 4) with Qwen3-8B's widths and 4 of
+  its 36 layers, through the real TPU compiler: the qwen3 prompt measured with the Qwen3 tokenizer, the sampling
+  engine's programs fit. (Full size: 8 slots x 20,480, peak 13.9 of 16 GiB per chip; launch/SCALING.md.)"""
+  from test_preflight import _preflight
+  from rrjax.ranking import prompt as prompt_lib
+  from rrjax.rerank import cli as rerank_cli
+  from rrjax.rerank import preflight as rerank_preflight
+
+  config = json.loads((ASSETS / "qwen3-configs" / "Qwen3-8B" / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 4, "max_window_layers": 4}))
+  proc, rep = _preflight("--model", str(tmp_path), "--gin_file", "rerank/reasonrank_8b_v5e.gin",
+                         "--topology", "v5e:2x2", "--json")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert rep["platform"] == "tpu" and rep["fits"] and rep["mesh"] == {"data": 1, "fsdp": 1, "tensor": 4}
+  settings = rerank_cli.settings_from_gin(["rerank/reasonrank_8b.gin"])
+  assert (settings.prompt_mode, settings.temperature, settings.top_p, settings.sampling_top_k, settings.min_p) == (
+      "qwen3", 0.6, 0.95, 20, 0.0)
+  qwen3 = tokenizer.load(model_type="qwen3")
+  r = rep["rerank"]
+  assert r["mode"] == "listwise" and r["prompt_tokens"] == rerank_preflight.longest_prompt(settings, qwen3) > 20 * 512
+  assert r["prompt_tokens"] != rerank_preflight.longest_prompt(
+      dataclasses.replace(settings, prompt_mode="reasoning"), qwen3)  # the 8B prompt, not the 7B one
+  assert prompt_lib.prompt_mode("rank_GPT_qwen3") == settings.prompt_mode
+
+
+def test_rerank_settings_take_upstream_mode_names_and_sampling_flags():
+  from rrjax.rerank import cli as rerank_cli
+  from rrjax.rerank.settings import RerankSettings
+
+  args = rerank_cli.build_parser().parse_args(["--model", "m", "--corpus", "c", "--out", "o.trec", "--prompt-mode",
+                                               "rank_GPT_qwen3", "--sampling-top-k", "20", "--min-p", "0.05"])
+  s = rerank_cli.resolve_settings(args)
+  assert (s.prompt_mode, s.sampling_top_k, s.min_p, s.top_k) == ("qwen3", 20, 0.05, 100)
+  assert RerankSettings(prompt_mode="rank_GPT").prompt_mode == "plain"
+  with pytest.raises(ValueError, match="prompt_mode: .*'rank_GPT_rankk'"):
+    RerankSettings(prompt_mode="rank_GPT_rankk")
+  with pytest.raises(ValueError, match="min_p"):
+    RerankSettings(min_p=1.5)
