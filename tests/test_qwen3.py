@@ -222,3 +222,28 @@ def test_rerank_settings_take_upstream_mode_names_and_sampling_flags():
     RerankSettings(prompt_mode="rank_GPT_rankk")
   with pytest.raises(ValueError, match="min_p"):
     RerankSettings(min_p=1.5)
+
+
+def test_gradients_reach_the_qk_norms_as_in_torch(pair):
+  """What SFT and GRPO differentiate: the next-token loss's gradients, the q/k norm weights' included, equal
+  torch's (float32) through the scanned, rematerialised layers."""
+  config, ref, _ = pair
+  config = config.replace(remat="full")
+  ours = hf_reference.rrjax_twin(ref, config)
+  tokens = np.random.default_rng(5).integers(0, config.vocab_size, (2, 10))
+
+  def loss(model):
+    logp = jax.nn.log_softmax(model(jnp.asarray(tokens[:, :-1])), axis=-1)
+    return -jnp.take_along_axis(logp, jnp.asarray(tokens[:, 1:])[..., None], axis=-1).mean()
+
+  grads = nnx.grad(loss)(ours)
+  ref.zero_grad()
+  logits = ref(torch.tensor(tokens[:, :-1])).logits
+  torch.nn.functional.cross_entropy(logits.reshape(-1, config.vocab_size), torch.tensor(tokens[:, 1:]).reshape(-1)
+                                    ).backward()
+  for i in range(config.num_layers):
+    attn = ref.model.layers[i].self_attn
+    for ours_name, theirs in (("q_norm", attn.q_norm.weight), ("k_norm", attn.k_norm.weight)):
+      want = theirs.grad.numpy()
+      assert np.abs(want).max() > 1e-4
+      np.testing.assert_allclose(np.asarray(getattr(grads.layers, ours_name)[...][i]), want, atol=1e-5, rtol=1e-3)
