@@ -197,7 +197,8 @@ def generate(model: Qwen2, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
 
 def programs(model: Qwen2, num_prompts: int, prompt_len: int, *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, stop_ids: Sequence[int] = (),
-             mesh: Mesh | None = None, batch_size: int | str | None = None, buckets: Buckets = Buckets(), cache_dtype: str | None = None,
+             mesh: Mesh | None = None, batch_size: int | str | None = None, buckets: Buckets = Buckets(),
+             cache_dtype: str | None = None,
              return_logits: bool = False, num_samples: int = 1, prefill_group: int | None = None,
              memory_limit_bytes: int | None = None, prefix: str = "rollout_") -> list[tuple[str, object, tuple]]:
   """The hook for ahead-of-time builds (rrjax.preflight): `[(name, jitted program, abstract arguments)]` of

@@ -61,9 +61,9 @@ def select(logits_BxV, keys_B, *, temperature, top_p, banned_V=None, ban_B=None,
 
   Filters in vLLM's order (module docstring): min-p, top-k, top-p. logprobs are log_softmax(logits /
   temperature) (plain log_softmax when greedy) at the chosen token, before the filters and the
-  min-new-tokens ban: the policy's own probability, which is what GRPO's ratio and KL need. `banned_V` (bool, [V] or per row [B, V]) tokens are excluded in rows
-  where `ban_B` is set. `temperature` and `top_p` are scalars or per row [B]; when not `greedy`, rows of
-  temperature 0 take the argmax.
+  min-new-tokens ban: the policy's own probability, which is what GRPO's ratio and KL need. `banned_V` (bool,
+  [V] or per row [B, V]) tokens are excluded in rows where `ban_B` is set. `temperature` and `top_p` are scalars
+  or per row [B]; `min_p` is one value (compiled in); when not `greedy`, rows of temperature 0 take the argmax.
   """
   logits_BxV = logits_BxV.astype(jnp.float32)
   B = logits_BxV.shape[0]
