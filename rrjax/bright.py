@@ -6,7 +6,9 @@
 
 Every (chosen) task is reranked as ReasonRank does it: `python -m rrjax.rerank --dataset bright:TASK` over a
 local snapshot D of the `xlangai/BRIGHT` hub dataset (the original queries, gold_ids qrels, documents cut to
-512 tokens: configs/rerank/bright.gin, then your gin files and flags) starting from ReasonRank's bundled
+512 tokens: configs/rerank/bright.gin, for a Qwen3 checkpoint (model_type qwen3: ReasonRank-8B) also
+configs/rerank/reasonrank_8b.gin (upstream's rank_GPT_qwen3 prompt and sampling), then your gin files and flags,
+which win) starting from ReasonRank's bundled
 first-stage runs (ReasonIR-8B on GPT-4 reasoning queries, top-100). Each task writes DIR/TASK.trec and its
 report DIR/TASK.json; a task whose report exists is not redone (the settings must match). The table (nDCG@10
 x 100 of the first stage and of the reranker per task, and their averages) is printed and written to
@@ -85,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(prog="python -m rrjax.bright", description=__doc__.splitlines()[0], allow_abbrev=False,
                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
   ap.add_argument("--first-stage-only", action="store_true", help="score the bundled first-stage runs only")
-  ap.add_argument("--model", help="a Hugging Face Qwen2 directory or an rrjax checkpoint")
+  ap.add_argument("--model", help="a Hugging Face Qwen2 or Qwen3 directory or an rrjax checkpoint")
   ap.add_argument("--data_dir", help="a local snapshot of the xlangai/BRIGHT dataset (or the hub cache)")
   ap.add_argument("--tasks", help=f"comma-separated (default all 12: {','.join(benchmarks.BRIGHT_TASKS)})")
   ap.add_argument("--gin_file", action="append", default=[], help="gin file(s) after configs/rerank/bright.gin")
@@ -96,10 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
   return ap
 
 
+# model_type -> the rerank settings its released models run with (before the user's gin files and flags)
+FAMILY_GIN = {"qwen3": "reasonrank_8b.gin"}
+
+
+def family_gin_files(model: str) -> list[str]:
+  """The gin files a checkpoint's family adds: ReasonRank-8B's prompt and decoding for a Qwen3 one."""
+  from rrjax.checkpoints import load_config
+  family = FAMILY_GIN.get(load_config(model).model_type)
+  return [family] if family else []
+
+
 def _rerank_argv(args, task: str, out: Path, passthrough: Sequence[str]) -> list[str]:
   argv = ["--model", args.model, "--dataset", f"bright:{task}", "--data_dir", args.data_dir,
           "--out", str(out / f"{task}.trec"), "--gin_file", "bright.gin"]
-  for f in args.gin_file:
+  for f in family_gin_files(args.model) + args.gin_file:
     argv += ["--gin_file", f]
   for p in args.gin_param:
     argv += ["--gin_param", p]

@@ -148,7 +148,7 @@ def _plan_shape(model, n, P, N, *, batch_size, prefill_group, cache_dtype, mesh,
 
 
 def generate(model: Qwen2, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
              min_new_tokens: int | Sequence[int] = 0, seed: int = 0, stop_ids: Sequence[int] | None = None,
              mesh: Mesh | None = None, batch_size: int | str | None = None, buckets: Buckets = Buckets(),
              cache_dtype: str | None = None, memory_limit_bytes: int | None = None, return_logits: bool = False,
@@ -156,7 +156,8 @@ def generate(model: Qwen2, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
   """Generates up to `max_new_tokens` ids after each prompt (token-id lists of any lengths).
 
   `max_new_tokens` and `min_new_tokens` are one int or one per prompt. temperature 0 is greedy; otherwise
-  tokens are sampled from softmax(logits / temperature) after top-k and top-p. Prompt i's random stream
+  tokens are sampled from softmax(logits / temperature) after min-p, top-k and top-p (vLLM's order: see
+  rrjax.sampling). Prompt i's random stream
   depends only on (seed, i, token index). A row stops after emitting one of `stop_ids` (default: the
   Qwen2.5 tokenizer's, <|endoftext|> and <|im_end|>; pass () to never stop); the stop id is included in
   its tokens. Stop ids are banned until `min_new_tokens` tokens exist. `batch_size` is the number of decode
@@ -175,7 +176,7 @@ def generate(model: Qwen2, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     raise ValueError(f"num_samples={num_samples} must be >= 1")
   G = num_samples
   n = len(prompts) * G  # output rows
-  settings = sampling.Sampling(float(temperature), int(top_k), float(top_p))
+  settings = sampling.Sampling(float(temperature), int(top_k), float(top_p), float(min_p))
   max_new = _per_prompt(max_new_tokens, len(prompts), "max_new_tokens")
   min_new = _per_prompt(min_new_tokens, len(prompts), "min_new_tokens")
   for i, p in enumerate(prompts):
@@ -215,8 +216,9 @@ def generate(model: Qwen2, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
 
 
 def programs(model: Qwen2, num_prompts: int, prompt_len: int, *, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = (), mesh: Mesh | None = None,
-             batch_size: int | str | None = None, buckets: Buckets = Buckets(), cache_dtype: str | None = None,
+             top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, stop_ids: Sequence[int] = (),
+             mesh: Mesh | None = None, batch_size: int | str | None = None, buckets: Buckets = Buckets(),
+             cache_dtype: str | None = None,
              return_logits: bool = False, num_samples: int = 1, prefill_group: int | None = None,
              memory_limit_bytes: int | None = None, prefix: str = "rollout_") -> list[tuple[str, object, tuple]]:
   """The hook for ahead-of-time builds (rrjax.preflight): `[(name, jitted program, abstract arguments)]` of
@@ -228,7 +230,7 @@ def programs(model: Qwen2, num_prompts: int, prompt_len: int, *, max_new_tokens:
   shardings); `program.lower(*arguments).compile()` under the mesh builds what `generate` would run, nothing
   allocated."""
   config: Qwen2Config = model.config
-  settings = sampling.Sampling(float(temperature), int(top_k), float(top_p))
+  settings = sampling.Sampling(float(temperature), int(top_k), float(top_p), float(min_p))
   cache_dtype = str(jnp.dtype(cache_dtype or default_cache_dtype(config)))
   n = num_prompts * num_samples
   P, N = buckets.prompt(prompt_len), buckets.new_tokens(max_new_tokens)

@@ -120,12 +120,12 @@ def architecture(config):
       f" ({config.init_from} is not here)" if config.init_from else "")
 
 
-def tokenizer_of(config):
+def tokenizer_of(config, model_type: str = "qwen2"):
   from rrjax import tokenizer as tokenizer_lib
   for path in (config.tokenizer, config.init_from):
     if path and Path(path).exists():
-      return tokenizer_lib.load(path)
-  return tokenizer_lib.load()
+      return tokenizer_lib.load(path, model_type=model_type)
+  return tokenizer_lib.load(model_type=model_type)
 
 
 def _target(topology: str, platform: str | None) -> str:
@@ -184,7 +184,8 @@ def run(gin_files, gin_params, topology: str, *, hbm_gib: float | None = None, p
     devices, hbm = _devices_and_budget(topology, hbm_gib, devices)
     mesh = sharding_lib.make_mesh(config.mesh, devices)
     model_cfg, source = architecture(config)
-    trainer = entry.trainers()[config.trainer](config, mesh, model_cfg, tokenizer_of(config), compile_only=True)
+    trainer = entry.trainers()[config.trainer](config, mesh, model_cfg, tokenizer_of(config, model_cfg.model_type),
+                                               compile_only=True)
     lay = state_lib.layout(loop.model_constructor(config, model_cfg), trainer.tx, mesh)
     trainer.bind(lay)
     rep = aot.measure(trainer, mesh, topology=topology, platform=platform, hbm_bytes=hbm)
@@ -212,7 +213,8 @@ def run_rerank(gin_files, gin_params, topology: str, model: str, *, hbm_gib: flo
     arch = arch.replace(dtype=dtype, param_dtype=dtype)
     mesh = rerank_cli.mesh_for(arch, settings.mesh, dtype, host, memory_limit_bytes=hbm)
     # A checkpoint's own tokenizer where it has one (tokenizer.load falls back to the bundled one).
-    tokenizer = tokenizer_lib.load(Path(model).parent if Path(model).name == "config.json" else model)
+    tokenizer = tokenizer_lib.load(Path(model).parent if Path(model).name == "config.json" else model,
+                                   model_type=arch.model_type)
     programs, engine = rerank_preflight.programs(
         rerank_preflight.abstract_model(arch), settings, tokenizer, mesh, hbm_bytes=hbm, num_queries=num_queries,
         query_tokens=query_tokens or rerank_preflight.QUERY_TOKENS)

@@ -1,4 +1,9 @@
-"""Next-token selection: greedy, temperature, top-k and top-p (nucleus), with per-row logprobs.
+"""Next-token selection: greedy, temperature, min-p, top-k and top-p (nucleus), with per-row logprobs.
+
+The filters apply in vLLM's order (its V1 `Sampler.sample`, the engine of vllm 0.8.5, which ReasonRank pins):
+temperature scaling, then min-p (drop tokens whose probability is below min_p times the most likely token's),
+then top-k, then top-p over what top-k left (renormalised), then a draw. (vLLM's older V0 sampler applied min-p
+after top-k/top-p; with min_p 0, as ReasonRank-8B samples, the orders agree.)
 
 Shapes: B batch, V vocab, K candidates kept by top-k (V when only top-p is on).
 """
@@ -13,11 +18,12 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-  """Sampling settings. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
+  """Sampling settings. temperature 0 is greedy; top_k 0, top_p 1 and min_p 0 switch those filters off."""
 
   temperature: float = 0.0
   top_k: int = 0
   top_p: float = 1.0
+  min_p: float = 0.0
 
   def __post_init__(self):
     if self.temperature < 0:
@@ -26,16 +32,19 @@ class Sampling:
       raise ValueError(f"top_k={self.top_k} must be >= 0")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+    if not 0.0 <= self.min_p <= 1.0:
+      raise ValueError(f"min_p={self.min_p} must be in [0, 1]")
 
   @property
   def greedy(self) -> bool:
     return self.temperature == 0.0
 
-  def static_key(self) -> tuple[bool, int, bool]:
-    """What changes the compiled program (temperature and top_p values are run-time inputs)."""
+  def static_key(self) -> tuple[bool, int, bool, float]:
+    """What changes the compiled program: (greedy, top_k, nucleus, min_p). temperature and top_p values are
+    run-time inputs (per request); min_p is compiled in, like top_k (one value per run in practice)."""
     if self.greedy:
-      return (True, 0, False)
-    return (False, self.top_k, self.top_p < 1.0)
+      return (True, 0, False, 0.0)
+    return (False, self.top_k, self.top_p < 1.0, self.min_p)
 
 
 def request_keys(seed_B, request_B, index_B):
@@ -47,14 +56,14 @@ def request_keys(seed_B, request_B, index_B):
 
 
 def select(logits_BxV, keys_B, *, temperature, top_p, banned_V=None, ban_B=None, greedy: bool,
-           top_k: int = 0, nucleus: bool = False):
+           top_k: int = 0, nucleus: bool = False, min_p: float = 0.0):
   """Chooses one token per row; returns (tokens_B int32, logprobs_B float32).
 
-  logprobs are log_softmax(logits / temperature) (plain log_softmax when greedy) at the chosen token,
-  before the top-k/top-p filters and the min-new-tokens ban: the policy's own probability, which is
-  what GRPO's ratio and KL need. `banned_V` (bool, [V] or per row [B, V]) tokens are excluded in rows
-  where `ban_B` is set. `temperature` and `top_p` are scalars or per row [B]; when not `greedy`, rows of
-  temperature 0 take the argmax.
+  Filters in vLLM's order (module docstring): min-p, top-k, top-p. logprobs are log_softmax(logits /
+  temperature) (plain log_softmax when greedy) at the chosen token, before the filters and the
+  min-new-tokens ban: the policy's own probability, which is what GRPO's ratio and KL need. `banned_V` (bool,
+  [V] or per row [B, V]) tokens are excluded in rows where `ban_B` is set. `temperature` and `top_p` are scalars
+  or per row [B]; `min_p` is one value (compiled in); when not `greedy`, rows of temperature 0 take the argmax.
   """
   logits_BxV = logits_BxV.astype(jnp.float32)
   B = logits_BxV.shape[0]
@@ -66,6 +75,12 @@ def select(logits_BxV, keys_B, *, temperature, top_p, banned_V=None, ban_B=None,
   if banned_V is not None:
     banned_BxV = banned_V if banned_V.ndim == 2 else banned_V[None, :]
     masked_BxV = jnp.where(ban_B[:, None] & banned_BxV, -jnp.inf, scaled_BxV)
+
+  if not greedy and min_p > 0.0:
+    # p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p) (after the ban, as vLLM's min-tokens
+    # processor runs first); the most likely token always survives.
+    max_Bx1 = jnp.max(masked_BxV, axis=-1, keepdims=True)
+    masked_BxV = jnp.where(masked_BxV < max_Bx1 + jnp.log(jnp.float32(min_p)), -jnp.inf, masked_BxV)
 
   if greedy:
     tokens_B = jnp.argmax(masked_BxV, axis=-1).astype(jnp.int32)

@@ -1,8 +1,13 @@
-"""Qwen2.5 tokenizer and chat template, without transformers.
+"""Qwen2.5 and Qwen3 tokenizers and chat templates, without transformers.
 
-`load()` returns the bundled Qwen2.5 tokenizer (see assets/qwen2.5-tokenizer/PROVENANCE.md); a checkpoint
-directory that has its own tokenizer.json wins. The chat template is rendered with jinja2 the way
-transformers renders it (trim_blocks, lstrip_blocks, `tojson`, `raise_exception`).
+`load()` returns the bundled tokenizer of a model family (model_type "qwen2": Qwen2.5's, "qwen3": Qwen3's; see
+the PROVENANCE.md beside each); a checkpoint directory that has its own tokenizer.json wins. The chat template
+is rendered with jinja2 the way transformers renders it (trim_blocks, lstrip_blocks, `tojson`,
+`raise_exception`).
+
+Qwen3's vocabulary is Qwen2.5's plus `<tool_response>`, `</tool_response>`, `<think>` (151667) and `</think>`
+(151668). None of the four is special, so decoding with special tokens skipped keeps them (as vLLM's default
+detokenisation does): the parser reads a Qwen3 model's own `<think>`. Neither ends generation (`stop_ids`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import jinja2.sandbox
 import tokenizers
 
 ASSET_DIR = Path(__file__).parent / "assets" / "qwen2.5-tokenizer"
+QWEN3_ASSET_DIR = Path(__file__).parent / "assets" / "qwen3-tokenizer"
+BUNDLED = {"qwen2": ASSET_DIR, "qwen3": QWEN3_ASSET_DIR}  # model_type -> the bundled tokenizer directory
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
 
 
@@ -71,9 +78,17 @@ class Tokenizer:
 
   @property
   def stop_ids(self) -> tuple[int, ...]:
-    """Ids that end generation: the chat end-of-turn token and the end-of-text token."""
+    """Ids that end generation: the chat end-of-turn token and the end-of-text token (never `</think>`: the
+    answer follows it)."""
     ids = {self.eos_token_id, self.token_to_id("<|endoftext|>")}
     return tuple(sorted(i for i in ids if i is not None))
+
+  @property
+  def think_ids(self) -> tuple[int, int] | None:
+    """(`<think>`, `</think>`) where each is one token of the vocabulary (Qwen3: 151667, 151668), else None
+    (Qwen2.5 spells them out in ordinary tokens)."""
+    ids = self.token_to_id("<think>"), self.token_to_id("</think>")
+    return None if None in ids else ids
 
   def __len__(self) -> int:
     return self.backend.get_vocab_size(with_added_tokens=True)
@@ -124,16 +139,20 @@ def or_bundled(tokenizer=None):
   return load() if tokenizer is None else tokenizer
 
 
-def load(path: str | os.PathLike | None = None) -> Tokenizer:
-  """The tokenizer of a checkpoint directory when it has tokenizer.json, else the bundled Qwen2.5 one."""
-  directory = ASSET_DIR
+def load(path: str | os.PathLike | None = None, *, model_type: str = "qwen2") -> Tokenizer:
+  """The tokenizer of a checkpoint directory when it has tokenizer.json, else the bundled one of `model_type`
+  (a Qwen2Config's: "qwen2" or "qwen3")."""
+  if model_type not in BUNDLED:
+    raise TokenizerError(f"model_type {model_type!r} has no bundled tokenizer; choose one of {sorted(BUNDLED)}")
+  directory = BUNDLED[model_type]
   if path is not None and (Path(path) / "tokenizer.json").exists():
     directory = Path(path)
-  return _load_dir(str(directory))
+  return _load_dir(str(directory), model_type)
 
 
-@functools.lru_cache(maxsize=4)
-def _load_dir(directory: str) -> Tokenizer:
+@functools.lru_cache(maxsize=8)
+def _load_dir(directory: str, model_type: str = "qwen2") -> Tokenizer:
+  """A tokenizer directory; without a chat template of its own it takes its family's bundled one."""
   directory = Path(directory)
   try:
     backend = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
@@ -147,7 +166,7 @@ def _load_dir(directory: str) -> Tokenizer:
     except json.JSONDecodeError as e:
       raise TokenizerError(f"{config_path}:{e.lineno}: invalid JSON: {e.msg}") from None
   if "chat_template" not in config:
-    bundled = json.loads((ASSET_DIR / "tokenizer_config.json").read_text())
+    bundled = json.loads((BUNDLED[model_type] / "tokenizer_config.json").read_text())
     config = {**config, "chat_template": bundled["chat_template"]}
   return Tokenizer(backend=backend, config=config, source_dir=directory)
 

@@ -1,4 +1,5 @@
-"""Random transformers Qwen2ForCausalLM (torch, float32) models and their rrjax twins, for parity tests."""
+"""Random transformers Qwen2ForCausalLM / Qwen3ForCausalLM (torch, float32) models and their rrjax twins, for
+parity tests."""
 
 import numpy as np
 import torch
@@ -8,13 +9,15 @@ from rrjax.model import hf
 from rrjax.model.qwen2 import Qwen2Config
 
 
-def torch_model(config: Qwen2Config, seed: int = 0) -> transformers.Qwen2ForCausalLM:
-  """A random HF model; biases and norm weights are randomised too so that every tensor matters."""
+def torch_model(config: Qwen2Config, seed: int = 0) -> transformers.PreTrainedModel:
+  """A random HF model of the config's model_type; biases and norm weights (Qwen3's q/k norms too) are
+  randomised so that every tensor matters."""
   torch.manual_seed(seed)
-  hf_config = transformers.Qwen2Config(**{k: v for k, v in config.to_hf_dict().items()
-                                          if k not in ("architectures", "torch_dtype")})
+  config_cls, model_cls = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+                           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[config.model_type]
+  hf_config = config_cls(**{k: v for k, v in config.to_hf_dict().items() if k not in ("architectures", "torch_dtype")})
   hf_config._attn_implementation = "eager"
-  return randomize(transformers.Qwen2ForCausalLM(hf_config).float().eval())
+  return randomize(model_cls(hf_config).float().eval())
 
 
 def randomize(model: transformers.Qwen2ForCausalLM) -> transformers.Qwen2ForCausalLM:

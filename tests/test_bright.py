@@ -91,3 +91,34 @@ def test_whole_table_on_a_snapshot_resumes_per_task(tmp_path, tiny_model, capsys
   # Other settings for the same --out are refused rather than mixed into one table.
   with pytest.raises(ValueError, match=r"economics\.json: this task was reranked with other settings"):
     bright.main([a if a != "16" else "24" for a in argv])
+
+
+def test_qwen3_checkpoint_takes_the_8b_prompt_and_sampling_unless_told(tmp_path, capsys):
+  """A Qwen3 directory (model_type qwen3, its bundled Qwen3 tokenizer exported beside it) runs with ReasonRank-8B's
+  rank_GPT_qwen3 prompt and vLLM sampling (configs/rerank/reasonrank_8b.gin); the user's flags still win."""
+  from flax import nnx
+
+  import rrjax
+  from rrjax.model.qwen2 import Qwen2, Qwen2Config
+  from rrjax.rerank import cli as rerank_cli
+
+  model = str(tmp_path / "qwen3")
+  rrjax.save_pretrained(Qwen2(Qwen2Config.tiny(qk_norm=True, attention_bias=False), rngs=nnx.Rngs(0)), model)
+  snap = tmp_path / "BRIGHT"
+  bright_for_bundled_run(snap, "pony", num_queries=1, top_k=4)
+  out = tmp_path / "out"
+  argv = ["--model", model, "--data_dir", str(snap), "--tasks", "pony", "--out", str(out),
+          "--gin_param", "RerankSettings.top_k = 4", "--gin_param", "RerankSettings.window = 4",
+          "--gin_param", "RerankSettings.max_queries = 1", "--max-new-tokens", "6", "--max-passage-tokens", "16",
+          "--no-progress"]
+  assert bright.main(argv) == 0
+  capsys.readouterr()
+  settings = json.loads((out / "pony.json").read_text())["settings"]
+  assert (settings["prompt_mode"], settings["temperature"], settings["top_p"], settings["sampling_top_k"],
+          settings["min_p"], settings["max_passage_tokens"]) == ("qwen3", 0.6, 0.95, 20, 0.0, 16)
+  args, passthrough = bright.build_parser().parse_known_args(argv + ["--prompt-mode", "rank_GPT_reasoning",
+                                                                     "--temperature", "0"])
+  told = rerank_cli.resolve_settings(rerank_cli.build_parser().parse_args(
+      bright._rerank_argv(args, "pony", out, passthrough)))
+  assert (told.prompt_mode, told.temperature, told.sampling_top_k) == ("reasoning", 0.0, 20)
+  assert bright.family_gin_files(str(tmp_path / "qwen3")) == ["reasonrank_8b.gin"]

@@ -107,3 +107,26 @@ def test_fuzz_tag_soup_is_a_permutation(parts, n):
 def test_answer_ids_fast_path_is_clean_response(text):
   # The parser and the reward read ids through answer_ids; its ASCII regex must be upstream's rule.
   assert answer_ids(text) == clean_response(text).split()
+
+
+def test_qwen3_shaped_outputs_through_the_qwen3_tokenizer():
+  """ReasonRank-8B writes `<think>` itself (one Qwen3 token, kept when special tokens are skipped, as the
+  backend decodes); the parser then takes upstream's path for rank_GPT_qwen3, the same as for 7B."""
+  from rrjax import tokenizer as tok_lib
+  tok = tok_lib.load(model_type="qwen3")
+
+  def generated(text):  # what the engine hands back: token ids up to and including the stop token
+    ids = tok.encode(text) + [tok.eos_token_id]
+    return tok.decode(ids, skip_special_tokens=True)
+
+  native = generated("<think>\nPassage [1] cites 1999; [3] answers it.\n</think>\n\n<answer>[3] > [1] > [2]</answer>")
+  assert native.startswith("<think>\nPassage") and native.endswith("</answer>")
+  assert parse_permutation_with_source(native, 4) == ([2, 0, 1, 3], "answer_tag")
+  # Tags but no think block: the regex fails; the text after <answer> is read.
+  assert parse_permutation_with_source(generated("<answer> [2] > [4] </answer>"), 4) == ([1, 3, 0, 2], "last_answer")
+  # Reasoning cut off at the token budget: no answer tag, the digits of the whole output (upstream prints
+  # "the reasoning length is too long." and does the same).
+  cut = generated("<think>\nCompare [2] with [1], then")
+  assert parse_permutation_with_source(cut, 3) == ([1, 0, 2], "whole_text")
+  # Digits only, as the plain prompt asks.
+  assert parse_permutation_with_source(generated("[3] > [1] > [2]"), 3) == ([2, 0, 1], "whole_text")

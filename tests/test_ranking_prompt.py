@@ -172,7 +172,8 @@ def test_bad_inputs(tok):
   with pytest.raises(ValueError, match="fields"):
     P.passage_content({"title": "t"}, tok)
   with pytest.raises(ValueError, match="mode"):
-    P.build_prompt("q", ["p"], tok, mode="rank_GPT")
+    P.build_prompt("q", ["p"], tok, mode="rank_GPT_rankk")  # an upstream mode ReasonRank's models never used
+  assert P.build_prompt("q", ["p"], tok, mode="rank_GPT") == P.build_prompt("q", ["p"], tok, mode="plain")
   with pytest.raises(ValueError):
     P.passage_content({"text": None}, tok)
 
@@ -323,3 +324,66 @@ def test_rule_rejects_what_the_listwise_copy_rejected(tok):
         rule(p)
   with pytest.raises(ValueError, match="max_tokens"):
     pointwise.rank1_passage("p", tok, -1)
+
+
+# ---- rank_GPT_qwen3 (ReasonRank-8B), written out from upstream at 06721fd: listwise_prompt_r1.toml:1 (the short
+# system prompt), utils.py:62-63 (prefix), utils.py:78-80 (post-prompt), rank_listwise_os_llm.py:191-220 (assembly).
+
+QWEN3_POST = ("passages above based on their relevance to the search query. All the passages should be included and "
+              "listed using identifiers, in descending order of relevance. The final ranked list should be enclosed "
+              "within <answer> </answer> tags, i.e., <answer> ranked list here </answer>. The format of ranked list "
+              "should be [] > [], e.g., [2] > [1]. Only respond with the ranking results, do not say any word or "
+              "explain.")
+
+
+@pytest.fixture(scope="module")
+def qwen3_tok():
+  return tok_lib.load(model_type="qwen3")
+
+
+def _upstream_qwen3(query, contents):
+  """upstream create_prompt for rank_GPT_qwen3, given the passages' contents as convert_doc_to_prompt_content
+  returns them, through the Qwen3 chat template as written in the issue (thinking on: nothing after the header)."""
+  import ftfy
+  query = P.replace_number(query).strip()
+  user = (f"I will provide you with {len(contents)} passages, each indicated by a numerical identifier []. "
+          f"Rank the passages based on their relevance to the search query: {query}.\n" + "\n")
+  user += "".join(f"[{i}] {c}\n" for i, c in enumerate(contents, 1))
+  user += f"Search Query: {query}.\nRank the {len(contents)} " + QWEN3_POST
+  return ftfy.fix_text(HEAD_PLAIN + user + TAIL)
+
+
+@pytest.mark.parametrize("mode", ["qwen3", "rank_GPT_qwen3"])
+def test_qwen3_brackets_non_ascii_and_short_window(qwen3_tok, mode):
+  passages = ["See [3] and [ 4 ] — naïve café [12].", {"title": "日本 [1]", "text": "テキスト 😀 <think> x"},
+              "Caf\u00c3\u00a9 &amp; cr\u00c3\u00a8me"]
+  got = P.build_prompt("  Is [1] in [citation 2] ünïcödé [23]?  ", passages, qwen3_tok, mode=mode)
+  assert got == _upstream_qwen3("  Is [1] in [citation 2] ünïcödé [23]?  ", [
+      "See (3) and [ 4 ] — naïve café (12).", "Title: 日本 (1) Content: テキスト 😀 <think> x", "Café & crème"])
+  assert got.startswith("<|im_start|>system\nYou are RankLLM, an intelligent assistant that can rank passages "
+                        "based on their relevance to the query.<|im_end|>\n<|im_start|>user\nI will provide you "
+                        "with 3 passages")
+  assert "query: Is (1) in [citation 2] ünïcödé (23)?.\n\n[1] See (3)" in got
+  assert got.endswith("do not say any word or explain.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_qwen3_window_of_twenty_and_token_ids(qwen3_tok):
+  transformers = pytest.importorskip("transformers")
+  import ftfy
+  hf = transformers.AutoTokenizer.from_pretrained(str(tok_lib.QWEN3_ASSET_DIR))
+  passages = [{"docid": f"d{i}", "text": f"Passage {i} cites [{i}] and </think>."} for i in range(1, 21)]
+  got = P.build_prompt("which passage?", passages, qwen3_tok, mode="qwen3")
+  assert got == _upstream_qwen3("which passage?", [f"Passage {i} cites ({i}) and </think>." for i in range(1, 21)])
+  # transformers' own template and tokenizer on upstream's messages give the same text and the same ids.
+  msgs = P.build_messages("which passage?", passages, qwen3_tok, mode="qwen3")
+  assert msgs[0]["content"] == SYS_PLAIN
+  assert ftfy.fix_text(hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)) == got
+  ids = qwen3_tok.encode(got)
+  assert ids == hf(got, add_special_tokens=False)["input_ids"]
+  assert ids[-3:] == [151644, 77091, 198] and ids.count(151668) == 20  # `</think>` is one Qwen3 token
+
+
+def test_qwen3_passages_cut_with_the_qwen3_tokenizer(qwen3_tok, tok):
+  text = "<think> " * 6 + "tail words"
+  assert P.passage_content(text, qwen3_tok, 4) == "<think> <think> "  # <think>, " ", <think>, " "
+  assert P.passage_content(text, tok, 4) == "<think> <"  # Qwen2.5 spells <think> in three tokens

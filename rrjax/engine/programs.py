@@ -103,7 +103,7 @@ class Spec:
   length: int
   cache_dtype: str
   kernel: str  # attention.slot_kernel's choice for decode
-  sampling: tuple[bool, int, bool]  # Sampling.static_key(): (greedy, top_k, nucleus)
+  sampling: tuple[bool, int, bool, float]  # Sampling.static_key(): (greedy, top_k, nucleus, min_p)
   stop_slots: int = 8
   steps: int = 64
   return_logits: bool = False
@@ -173,13 +173,13 @@ def _zeros_program(spec: Spec, what: str):
 def _choose(spec: Spec, logits_BxV, state: SlotState, index_B):
   """The next token of each row, with (seed, request, index) keys and stop ids banned before min_new."""
   B, V = logits_BxV.shape
-  greedy, top_k, nucleus = spec.sampling
+  greedy, top_k, nucleus, min_p = spec.sampling
   rows_Bx1 = jnp.arange(B)[:, None]
   banned_BxV = jnp.zeros((B, V), bool).at[rows_Bx1, state.stops_BxM].set(True, mode="drop")
   keys_B = sampling.request_keys(state.seed_B, state.request_B, index_B)
   return sampling.select(logits_BxV, keys_B, temperature=state.temperature_B, top_p=state.top_p_B,
                          banned_V=banned_BxV, ban_B=index_B < state.min_new_B, greedy=greedy, top_k=top_k,
-                         nucleus=nucleus)
+                         nucleus=nucleus, min_p=min_p)
 
 
 def _is_stop(tokens_B, stops_BxM):

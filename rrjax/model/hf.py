@@ -1,4 +1,4 @@
-"""Hugging Face Qwen2 checkpoints <-> rrjax parameters (safetensors only; no pickle, no network).
+"""Hugging Face Qwen2 and Qwen3 checkpoints <-> rrjax parameters (safetensors only; no pickle, no network).
 
 Reads what transformers 4.x and 5.x write: float32, bfloat16 or float16 tensors (converted to the requested
 dtype), one file or shards with an index, a tied head stored anyway, buffers Qwen2 has no use for (ignored with
@@ -45,8 +45,9 @@ class CheckpointError(ValueError):
 def _layer_map(c: Qwen2Config) -> dict[str, tuple[str, Callable, Callable, tuple[int, ...]]]:
   D, N, K, H, F = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
   T = lambda w: w.T
-  return {
-      "attn_norm": ("input_layernorm.weight", lambda w: w, lambda w: w, (D,)),
+  ident = lambda w: w
+  out = {
+      "attn_norm": ("input_layernorm.weight", ident, ident, (D,)),
       "q_kernel": ("self_attn.q_proj.weight", lambda w: w.T.reshape(D, N, H), lambda w: w.reshape(D, N * H).T,
                    (N * H, D)),
       "q_bias": ("self_attn.q_proj.bias", lambda b: b.reshape(N, H), lambda b: b.reshape(N * H), (N * H,)),
@@ -62,7 +63,12 @@ def _layer_map(c: Qwen2Config) -> dict[str, tuple[str, Callable, Callable, tuple
       "gate_kernel": ("mlp.gate_proj.weight", T, T, (F, D)),
       "up_kernel": ("mlp.up_proj.weight", T, T, (F, D)),
       "down_kernel": ("mlp.down_proj.weight", T, T, (D, F)),
+      "q_norm": ("self_attn.q_norm.weight", ident, ident, (H,)),
+      "k_norm": ("self_attn.k_norm.weight", ident, ident, (H,)),
   }
+  # Qwen2 has the q/k/v biases and no q/k norms, Qwen3 the other way round (see Qwen2Config).
+  absent = ("q_norm", "k_norm") if c.attention_bias else ("q_bias", "k_bias", "v_bias")
+  return {ours: entry for ours, entry in out.items() if ours not in absent}
 
 
 def _top_map(c: Qwen2Config) -> dict[tuple[str, ...], tuple[str, Callable, Callable, tuple[int, ...]]]:
@@ -219,7 +225,7 @@ def load_config(path: str | os.PathLike, **overrides) -> Qwen2Config:
 
 def from_hf(path: str | os.PathLike, *, dtype: str | None = None, mesh: Mesh | None = None,
             config_overrides: dict | None = None) -> Qwen2:
-  """Loads a Hugging Face Qwen2 directory into a (sharded) rrjax model. `dtype` sets both the parameter
+  """Loads a Hugging Face Qwen2 or Qwen3 directory into a (sharded) rrjax model. `dtype` sets both the parameter
   and compute dtype (default: bf16 on accelerators, f32 on CPU); `config_overrides` may refine either."""
   path = Path(path)
   dtype = dtype or hardware.default_dtype()
@@ -230,7 +236,8 @@ def from_hf(path: str | os.PathLike, *, dtype: str | None = None, mesh: Mesh | N
     _check_tied_head(tensors)
     extra.discard("lm_head.weight")
   if extra:
-    log.warning("%s: ignoring %d tensor(s) that Qwen2 has no use for: %s", path, len(extra), _summarise_names(extra))
+    log.warning("%s: ignoring %d tensor(s) that %s has no use for: %s", path, len(extra), config.model_type,
+                _summarise_names(extra))
   return from_tensors(config, tensors.get, mesh=mesh)
 
 
@@ -304,7 +311,7 @@ def save_pretrained(model: Qwen2, path: str | os.PathLike, *, dtype: str | None 
   """Writes an HF directory that transformers' AutoModelForCausalLM loads, with the same logits. Atomic: a
   temporary sibling directory is renamed into place only when every file is written. `dtype`: the tensors'
   (default: the parameters'); shards of at most `max_shard_bytes`; the tokenizer files of `tokenizer`
-  (default: the bundled Qwen2.5 one).
+  (default: the bundled one of the model's family, Qwen2.5's or Qwen3's).
 
   Multi-host: every process must call it (each tensor is gathered from all of them); process 0 writes.
   """
@@ -362,7 +369,7 @@ def _save_hf(model: Qwen2, path: Path, *, dtype: str | None, max_shard_bytes: in
     if n > 1:
       index = {"metadata": {"total_size": total}, "weight_map": weight_map}
       (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    tok = tokenizer or tokenizer_lib.load()
+    tok = tokenizer or tokenizer_lib.load(model_type=model.config.model_type)
     c, generation = _special_ids(model.config, tok)
     (tmp / "config.json").write_text(json.dumps(c.to_hf_dict(torch_dtype), indent=2))
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))

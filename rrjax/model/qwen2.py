@@ -1,4 +1,9 @@
-"""Qwen2 / Qwen2.5 decoder in Flax NNX.
+"""Qwen2 / Qwen2.5 and Qwen3 decoders in Flax NNX: one architecture whose differences are settings.
+
+Qwen3 (transformers' modeling_qwen3.py) is Qwen2 with an RMSNorm over head_dim on each query and key head
+(after the head reshape, before RoPE), no q/k/v bias, and head_dim given in config.json rather than
+hidden_size / num_heads (so attention width may differ from hidden_size): `qk_norm`, `attention_bias` and
+`head_dim` of Qwen2Config.
 
 Layers are stored stacked (leading `layers` axis) and applied with `jax.lax.scan` (or a Python loop), with
 an optional remat policy. Every parameter carries logical axis names (`logical_axes` metadata) that
@@ -25,6 +30,13 @@ from rrjax.model import lora as lora_lib
 from rrjax.model.lora import LoraConfig
 
 _CONFIGS = Path(__file__).parent.parent / "assets" / "qwen2.5_instruct_configs.json"
+# The official Qwen3 dense config.json files, verbatim (see assets/PROVENANCE.md).
+_QWEN3_CONFIGS = Path(__file__).parent.parent / "assets" / "qwen3-configs"
+QWEN3_SIZES = {"0_6b": "Qwen3-0.6B", "1_7b": "Qwen3-1.7B", "4b": "Qwen3-4B", "8b": "Qwen3-8B", "14b": "Qwen3-14B",
+               "32b": "Qwen3-32B"}
+# model_type -> (architecture, transformers' head_dim default: None is hidden_size // num_attention_heads,
+# sliding_window default where config.json names none).
+_FAMILIES = {"qwen2": ("Qwen2ForCausalLM", None, None), "qwen3": ("Qwen3ForCausalLM", 128, 4096)}
 
 # What each decoder layer keeps for the backward pass (the rest is recomputed there). Every policy keeps the
 # layer's input (the scan carry); at 23,552 tokens that alone is 2 L T D bytes in bf16.
@@ -95,7 +107,8 @@ def _hf_rope_theta(d: dict, source: str) -> float:
   return _hf_field({"rope_theta": theta}, source, "rope_theta", float)
 
 
-def _check_full_attention(d: dict, source: str, num_layers: int, max_positions: int) -> None:
+def _check_full_attention(d: dict, source: str, num_layers: int, max_positions: int,
+                          default_window: int | None = None) -> None:
   """Refuses sliding-window attention where transformers' Qwen2 would apply it: a window only exists with
   use_sliding_window true, on the layers that layer_types (or, without it, max_window_layers) marks sliding,
   and only changes attention when it is shorter than max_position_embeddings."""
@@ -109,7 +122,7 @@ def _check_full_attention(d: dict, source: str, num_layers: int, max_positions: 
       raise ValueError(f"{source}: layer_types: {unknown[0]!r} is not an attention type rrjax implements")
   if not f("use_sliding_window", bool, default=False):
     return
-  window = f("sliding_window", int, positive=True, default=None)
+  window = f("sliding_window", int, positive=True, default=default_window)
   if window is None:
     return
   if types is None:
@@ -141,6 +154,10 @@ class Qwen2Config:
   bos_token_id: int | None = 151643
   eos_token_id: int | None = 151645
   name: str = "qwen2"
+  # Qwen3: q and k RMS-normalised over head_dim per head, before RoPE (weights [head_dim], eps rms_norm_eps).
+  qk_norm: bool = False
+  # Bias on q/k/v (Qwen2 always; Qwen3's attention_bias, false in every released size, would bias o too).
+  attention_bias: bool = True
   # Policy, not architecture.
   param_dtype: str = "float32"
   dtype: str = "float32"
@@ -158,6 +175,16 @@ class Qwen2Config:
       raise ValueError(f"attention={self.attention!r}; choose one of {attention_lib.IMPLEMENTATIONS}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+    # Every config is one transformers architecture, so that it exports: Qwen2 (q/k/v bias, no q/k norm) or
+    # Qwen3 without attention bias (its attention_bias: true also biases o_proj, which rrjax does not have).
+    if self.qk_norm == self.attention_bias:
+      raise ValueError(f"qk_norm={self.qk_norm} with attention_bias={self.attention_bias} is neither Qwen2 "
+                       "(attention_bias, no qk_norm) nor Qwen3 (qk_norm, no attention_bias)")
+
+  @property
+  def model_type(self) -> str:
+    """The transformers model_type: "qwen3" with q/k norms, else "qwen2"."""
+    return "qwen3" if self.qk_norm else "qwen2"
 
   def replace(self, **kwargs) -> Qwen2Config:
     return dataclasses.replace(self, **kwargs)
@@ -205,6 +232,35 @@ class Qwen2Config:
                num_kv_heads=8, head_dim=128, tie_word_embeddings=False, name="Qwen2.5-72B-Instruct", **kw)
 
   @classmethod
+  def _qwen3(cls, size: str, **overrides) -> Qwen2Config:
+    name = QWEN3_SIZES[size]
+    return cls.from_hf_dict(json.loads((_QWEN3_CONFIGS / name / "config.json").read_text()), name=name, **overrides)
+
+  @classmethod
+  def qwen3_0_6b(cls, **kw) -> Qwen2Config:
+    return cls._qwen3("0_6b", **kw)
+
+  @classmethod
+  def qwen3_1_7b(cls, **kw) -> Qwen2Config:
+    return cls._qwen3("1_7b", **kw)
+
+  @classmethod
+  def qwen3_4b(cls, **kw) -> Qwen2Config:
+    return cls._qwen3("4b", **kw)
+
+  @classmethod
+  def qwen3_8b(cls, **kw) -> Qwen2Config:
+    return cls._qwen3("8b", **kw)
+
+  @classmethod
+  def qwen3_14b(cls, **kw) -> Qwen2Config:
+    return cls._qwen3("14b", **kw)
+
+  @classmethod
+  def qwen3_32b(cls, **kw) -> Qwen2Config:
+    return cls._qwen3("32b", **kw)
+
+  @classmethod
   def tiny(cls, **kw) -> Qwen2Config:
     """A 2-layer model with the Qwen2.5 vocabulary, small enough for CPU tests and the demo."""
     defaults = dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
@@ -213,10 +269,12 @@ class Qwen2Config:
 
   @classmethod
   def preset(cls, name: str, **kw) -> Qwen2Config:
-    """A preset by name: "0.5b", "qwen2_5_7b", "Qwen2.5-7B-Instruct", "tiny"."""
-    key = name.lower().replace("qwen2.5-", "").replace("qwen2_5_", "").replace("-instruct", "")
-    key = key.replace(".", "_").replace("-", "_")
-    ctor = getattr(cls, "tiny" if key == "tiny" else f"qwen2_5_{key}", None)
+    """A preset by name: "0.5b", "qwen2_5_7b", "Qwen2.5-7B-Instruct", "qwen3_8b", "Qwen3-0.6B", "tiny"
+    (a bare size is Qwen2.5's)."""
+    key = name.lower().replace("-instruct", "").replace(".", "_").replace("-", "_")
+    family = "qwen3" if key.startswith("qwen3_") else "qwen2_5"
+    key = key.removeprefix("qwen3_").removeprefix("qwen2_5_")
+    ctor = getattr(cls, "tiny" if key == "tiny" else f"{family}_{key}", None)
     if ctor is None:
       raise ValueError(f"unknown model preset {name!r}")
     return ctor(**kw)
@@ -232,15 +290,18 @@ class Qwen2Config:
   @classmethod
   def from_hf_dict(cls, d: dict[str, Any], *, source: str = "config.json", name: str | None = None,
                    **overrides) -> Qwen2Config:
-    """The architecture of a Qwen2 config.json as transformers 4.x or 5.x writes it. Errors are ValueErrors
-    of one line, `<source>: <field>: <reason>`; what rrjax cannot run the same way (sliding-window layers,
-    scaled rope) is refused rather than silently changed."""
+    """The architecture of a Qwen2 or Qwen3 config.json (by its model_type) as transformers 4.x or 5.x writes
+    it, with transformers' defaults for what it leaves out. Errors are ValueErrors of one line,
+    `<source>: <field>: <reason>`; what rrjax cannot run the same way (sliding-window layers, scaled rope,
+    Qwen3's attention bias) is refused rather than silently changed."""
     if not isinstance(d, dict):
       raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
-    archs = d.get("architectures") or ["Qwen2ForCausalLM"]
-    if d.get("model_type", "qwen2") != "qwen2" or "Qwen2ForCausalLM" not in archs:
-      raise ValueError(f"{source}: architecture {archs} / model_type {d.get('model_type')!r} is not "
-                       "Qwen2ForCausalLM")
+    model_type = d.get("model_type", "qwen2")
+    arch, default_head_dim, default_window = _FAMILIES.get(model_type, (None, None, None))
+    archs = d.get("architectures") or [arch]
+    if arch is None or arch not in archs:
+      raise ValueError(f"{source}: architecture {archs} / model_type {model_type!r} is not Qwen2ForCausalLM "
+                       "(model_type qwen2) or Qwen3ForCausalLM (model_type qwen3)")
     for hf in cls._HF_FIELDS.values():
       if hf not in d:
         raise ValueError(f"{source}: missing field {hf!r}")
@@ -251,25 +312,30 @@ class Qwen2Config:
       kw["num_kv_heads"] = kw["num_heads"]
     if (act := d.get("hidden_act", "silu")) != "silu":
       raise ValueError(f"{source}: hidden_act: {act!r} is not supported (rrjax's MLP is SiLU-gated)")
+    qwen3 = model_type == "qwen3"
+    if qwen3 and f("attention_bias", bool, default=False):
+      raise ValueError(f"{source}: attention_bias: true is not supported for Qwen3 (rrjax has no o_proj bias)")
     kw.update(
-        head_dim=f("head_dim", int, positive=True, default=kw["hidden_size"] // kw["num_heads"]),
+        head_dim=f("head_dim", int, positive=True, default=default_head_dim or kw["hidden_size"] // kw["num_heads"]),
+        qk_norm=qwen3, attention_bias=not qwen3,
         tie_word_embeddings=f("tie_word_embeddings", bool, default=False),
         rope_theta=_hf_rope_theta(d, source),
         rms_norm_eps=f("rms_norm_eps", float, default=1e-6),
         max_position_embeddings=f("max_position_embeddings", int, positive=True, default=32768),
         bos_token_id=_hf_token_id(d, "bos_token_id", source),
         eos_token_id=_hf_token_id(d, "eos_token_id", source),
-        name=name or d.get("_name_or_path") or "qwen2",
+        name=name or d.get("_name_or_path") or model_type,
     )
-    _check_full_attention(d, source, kw["num_layers"], kw["max_position_embeddings"])
+    _check_full_attention(d, source, kw["num_layers"], kw["max_position_embeddings"], default_window)
     try:
       return cls(**{**kw, **overrides})
     except ValueError as e:
       raise ValueError(f"{source}: {e}") from None
 
   def to_hf_dict(self, torch_dtype: str = "float32") -> dict[str, Any]:
+    qwen3 = {"attention_bias": False} if self.qk_norm else {}
     return {
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+        "architectures": [_FAMILIES[self.model_type][0]], "model_type": self.model_type, **qwen3, "hidden_act": "silu",
         "attention_dropout": 0.0, "initializer_range": 0.02,
         "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
         "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
@@ -366,11 +432,15 @@ class DecoderLayers(nnx.Module):
     pd = jnp.dtype(c.param_dtype)
     self.attn_norm = _param(rngs, (L, D), ("layers", "norm"), pd, "ones")
     self.q_kernel = _param(rngs, (L, D, N, H), ("layers", "embed", "q_heads", "head_dim"), pd)
-    self.q_bias = _param(rngs, (L, N, H), ("layers", "q_heads", "head_dim"), pd, "zeros")
     self.k_kernel = _param(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), pd)
-    self.k_bias = _param(rngs, (L, K, H), ("layers", "kv_heads", "head_dim"), pd, "zeros")
     self.v_kernel = _param(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), pd)
-    self.v_bias = _param(rngs, (L, K, H), ("layers", "kv_heads", "head_dim"), pd, "zeros")
+    if c.attention_bias:
+      self.q_bias = _param(rngs, (L, N, H), ("layers", "q_heads", "head_dim"), pd, "zeros")
+      self.k_bias = _param(rngs, (L, K, H), ("layers", "kv_heads", "head_dim"), pd, "zeros")
+      self.v_bias = _param(rngs, (L, K, H), ("layers", "kv_heads", "head_dim"), pd, "zeros")
+    if c.qk_norm:
+      self.q_norm = _param(rngs, (L, H), ("layers", "head_dim"), pd, "ones")
+      self.k_norm = _param(rngs, (L, H), ("layers", "head_dim"), pd, "ones")
     self.o_kernel = _param(rngs, (L, N, H, D), ("layers", "q_heads", "head_dim", "embed"), pd)
     self.mlp_norm = _param(rngs, (L, D), ("layers", "norm"), pd, "ones")
     self.gate_kernel = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), pd)
@@ -383,7 +453,9 @@ class DecoderLayers(nnx.Module):
 
 
 def _biased(spec, x, kernel, bias, dtype):
-  """x @ kernel + bias rounded to `dtype` once, as a fused linear layer (torch's addmm) does."""
+  """x @ kernel + bias rounded to `dtype` once, as a fused linear layer (torch's addmm) does; no bias: x @ kernel."""
+  if bias is None:
+    return jnp.einsum(spec, x, kernel.astype(dtype))
   y = jnp.einsum(spec, x, kernel.astype(dtype), preferred_element_type=jnp.float32)
   return (y + bias.astype(dtype).astype(jnp.float32)).astype(dtype)
 
@@ -535,11 +607,13 @@ class Qwen2(nnx.Module):
         return out if d is None else out + d
 
       h = rms_norm(x_BxTxD, w["attn_norm"], c.rms_norm_eps)
-      q = _biased("btd,dnh->btnh", h, w["q_kernel"], w["q_bias"], c.dtype)
-      k = _biased("btd,dkh->btkh", h, w["k_kernel"], w["k_bias"], c.dtype)
-      v = _biased("btd,dkh->btkh", h, w["v_kernel"], w["v_bias"], c.dtype)
+      q = _biased("btd,dnh->btnh", h, w["q_kernel"], w.get("q_bias"), c.dtype)
+      k = _biased("btd,dkh->btkh", h, w["k_kernel"], w.get("k_bias"), c.dtype)
+      v = _biased("btd,dkh->btkh", h, w["v_kernel"], w.get("v_bias"), c.dtype)
       q, k, v = adapted(q, h, "q"), adapted(k, h, "k"), adapted(v, h, "v")
       q, k, v = checkpoint_name(q, "q_proj"), checkpoint_name(k, "k_proj"), checkpoint_name(v, "v_proj")
+      if c.qk_norm:  # Qwen3: per head over head_dim, on the projections (LoRA deltas included), before RoPE
+        q, k = rms_norm(q, w["q_norm"], c.rms_norm_eps), rms_norm(k, w["k_norm"], c.rms_norm_eps)
       q = sharding.constrain(apply_rope(q, cos, sin), ("batch", "length", "q_heads", "head_dim"))
       k = sharding.constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
       out_BxTxNxH, k_cache, v_cache = attend(q, k, v, k_cache, v_cache, index)

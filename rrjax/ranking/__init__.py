@@ -10,8 +10,9 @@ from rrjax.ranking.parse import (ANSWER_PATTERN, ANSWER_RE, SOURCES, answer_ids,
 from rrjax.ranking.pointwise import (POINTWISE_SOURCES, rank1_label_ids, rank1_passage, rank1_prompt,
                                      rank1_reasoning)
 from rrjax.ranking.prompt import (CONTENT_FIELDS, PROMPT_MODES, SYSTEM_PROMPT, SYSTEM_PROMPT_REASONING,
-                                  build_messages, build_prompt, passage_content, post_prompt, prefix_prompt,
-                                  replace_number, system_prompt, titled_content, user_message)
+                                  UPSTREAM_MODES, build_messages, build_prompt, passage_content, post_prompt,
+                                  prefix_prompt, prompt_mode, replace_number, system_prompt, titled_content,
+                                  user_message)
 from rrjax.ranking.rerank_loop import rerank_listwise, rerank_pointwise
 from rrjax.ranking.window import apply_permutation, full_list_window, sliding_windows
 

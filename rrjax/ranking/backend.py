@@ -33,7 +33,8 @@ def listwise_engine(model, settings, *, prompt_tokens: int, max_new_tokens: int,
   plan = engine_lib.plan(model, length=P + N, prompt_len=P, mesh=mesh, slots=settings.batch_size,
                          num_slots=num_slots, steps=decode.STEPS_PER_CALL, memory_limit_bytes=memory_limit_bytes,
                          what=what)
-  shape = dict(slots=plan.slots, max_length=plan.length, sampling=Sampling(settings.temperature, 0, settings.top_p),
+  sampling = Sampling(settings.temperature, settings.sampling_top_k, settings.top_p, settings.min_p)
+  shape = dict(slots=plan.slots, max_length=plan.length, sampling=sampling,
                steps_per_call=decode.STEPS_PER_CALL, prefill_group=plan.prefill_group, prefill_chunk=plan.chunk)
   return plan, P, shape
 
@@ -166,7 +167,8 @@ class ModelBackend:
 
   def _generate(self, ids, **kw) -> decode.Generation:
     s = self.settings
-    kw = {"temperature": s.temperature, "top_p": s.top_p, "stop_ids": self.tokenizer.stop_ids, **kw}
+    kw = {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.sampling_top_k, "min_p": s.min_p,
+          "stop_ids": self.tokenizer.stop_ids, **kw}
     t0 = time.perf_counter()
     # A new seed per call, so sampled rounds do not replay one random stream. Without a batch size, the slots
     # and prefill group are the most the memory budget holds.

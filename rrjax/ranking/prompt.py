@@ -3,7 +3,10 @@
 
 Upstream (8421BCD/ReasonRank): listwise_prompt_r1.toml (system prompts), utils.py (add_prefix_prompt,
 add_post_prompt, convert_doc_to_prompt_content) and rerank/rank_listwise_os_llm.py (create_prompt).
-See UPSTREAM.md. mode="reasoning" is upstream's prompt_mode rank_GPT_reasoning, mode="plain" is rank_GPT.
+See UPSTREAM.md. mode="reasoning" is upstream's prompt_mode rank_GPT_reasoning (ReasonRank-7B/32B),
+mode="plain" is rank_GPT, mode="qwen3" is rank_GPT_qwen3 (ReasonRank-8B, on Qwen3-8B, which opens its own
+`<think>`): the short system prompt, the same prefix, and a post-prompt that asks for `<answer>` tags. Upstream's
+names are accepted too (`prompt_mode`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ SYSTEM_PROMPT_REASONING = (
     "provides the answer (i.e., the reranked passage list). The reasoning process and answer are enclosed "
     "within <think> </think> and <answer> </answer> tags, respectively, i.e., "
     "<think> reasoning process here </think> <answer> answer here </answer>.")
-PROMPT_MODES = ("reasoning", "plain")
+PROMPT_MODES = ("reasoning", "plain", "qwen3")
+# upstream's --prompt_mode values -> ours
+UPSTREAM_MODES = {"rank_GPT_reasoning": "reasoning", "rank_GPT": "plain", "rank_GPT_qwen3": "qwen3"}
 # Upstream's field precedence in convert_doc_to_prompt_content ("passage" is its last resort); the corpus readers
 # pick the text field by it too.
 CONTENT_FIELDS = ("text", "segment", "contents", "body", "passage")
@@ -30,9 +35,12 @@ CONTENT_FIELDS = ("text", "segment", "contents", "body", "passage")
 Passage = str | Mapping[str, Any]
 
 
-def _check_mode(mode: str) -> None:
+def prompt_mode(name: str) -> str:
+  """Our mode name for ours or upstream's (`rank_GPT_qwen3` -> "qwen3"); ValueError naming both lists."""
+  mode = UPSTREAM_MODES.get(name, name)
   if mode not in PROMPT_MODES:
-    raise ValueError(f"mode must be one of {PROMPT_MODES}, got {mode!r}")
+    raise ValueError(f"prompt mode must be one of {PROMPT_MODES} or upstream's {tuple(UPSTREAM_MODES)}, got {name!r}")
+  return mode
 
 
 def replace_number(s: str) -> str:
@@ -41,25 +49,29 @@ def replace_number(s: str) -> str:
 
 
 def system_prompt(mode: str = "reasoning") -> str:
-  _check_mode(mode)
+  """listwise_prompt_r1.toml: system_prompt_reasoning for rank_GPT_reasoning, system_prompt for the others."""
+  mode = prompt_mode(mode)
   return SYSTEM_PROMPT_REASONING if mode == "reasoning" else SYSTEM_PROMPT
 
 
 def prefix_prompt(query: str, num: int) -> str:
-  """Upstream add_prefix_prompt (the same text for rank_GPT and rank_GPT_reasoning)."""
+  """Upstream add_prefix_prompt (the same text for rank_GPT, rank_GPT_qwen3 and rank_GPT_reasoning)."""
   return (f"I will provide you with {num} passages, each indicated by a numerical identifier []. "
           f"Rank the passages based on their relevance to the search query: {query}.\n")
 
 
 def post_prompt(query: str, num: int, mode: str = "reasoning") -> str:
   """Upstream add_post_prompt."""
-  _check_mode(mode)
+  mode = prompt_mode(mode)
   head = (f"Search Query: {query}.\nRank the {num} passages above based on their relevance to the search query. "
           "All the passages should be included and listed using identifiers, in descending order of relevance. ")
   if mode == "reasoning":
     return head + "The format of the answer should be [] > [], e.g., [2] > [1]."
-  return (head + "The output format should be [] > [], e.g., [2] > [1]. "
-          "Only respond with the ranking results, do not say any word or explain.")
+  only = "Only respond with the ranking results, do not say any word or explain."
+  if mode == "qwen3":
+    return (head + "The final ranked list should be enclosed within <answer> </answer> tags, i.e., <answer> ranked "
+            "list here </answer>. The format of ranked list should be [] > [], e.g., [2] > [1]. " + only)
+  return head + "The output format should be [] > [], e.g., [2] > [1]. " + only
 
 
 def titled_content(passage: Passage) -> str:

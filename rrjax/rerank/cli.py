@@ -31,7 +31,7 @@ import gin
 from rrjax import distributed, gin_config
 from rrjax.data import benchmarks
 from rrjax.ranking import rerank_loop as loop
-from rrjax.ranking.prompt import PROMPT_MODES
+from rrjax.ranking.prompt import PROMPT_MODES, UPSTREAM_MODES
 from rrjax.rerank import report as report_lib
 from rrjax.rerank.runner import rerank
 from rrjax.rerank.settings import FIELDS, RerankSettings
@@ -109,8 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: replicas when the model fits one device, else tensor parallelism)")
   flags.add_argument("--temperature", type=float)
   flags.add_argument("--top-p", type=float)
+  flags.add_argument("--sampling-top-k", type=int, help="decoding's top-k (0: off; --top-k is the candidates)")
+  flags.add_argument("--min-p", type=float, help="decoding's min-p (0: off)")
   flags.add_argument("--seed", type=int)
-  flags.add_argument("--prompt-mode", choices=PROMPT_MODES)
+  flags.add_argument("--prompt-mode", choices=PROMPT_MODES + tuple(UPSTREAM_MODES))
   flags.add_argument("--max-queries", type=_positive, help="only the run's first N queries")
   flags.add_argument("--tag", help="the run's tag column")
   return ap
@@ -190,7 +192,8 @@ def load_model(args: argparse.Namespace, settings: RerankSettings):
   from rrjax.checkpoints import from_pretrained
 
   mesh = local_mesh(args.model, settings.mesh, args.dtype)
-  return from_pretrained(args.model, dtype=args.dtype, mesh=mesh), tokenizer_lib.load(args.model), mesh
+  model = from_pretrained(args.model, dtype=args.dtype, mesh=mesh)
+  return model, tokenizer_lib.load(args.model, model_type=model.config.model_type), mesh
 
 
 def main(argv: Sequence[str] | None = None, *, loaded=None) -> int:

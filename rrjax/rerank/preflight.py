@@ -78,7 +78,8 @@ def programs(model, settings: RerankSettings, tokenizer, mesh, *, hbm_bytes: int
     rows = min(num_queries * s.top_k, max(s.batch_size or 0, POINTWISE_CHUNK))
     common = dict(mesh=mesh, batch_size=s.batch_size or "auto", memory_limit_bytes=hbm_bytes, prefix="")
     built = decode.programs(model, rows, prompt, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                            top_p=s.top_p, stop_ids=tokenizer.stop_ids, **common)
+                            top_p=s.top_p, top_k=s.sampling_top_k, min_p=s.min_p, stop_ids=tokenizer.stop_ids,
+                            **common)
     # The scoring pass: prompt + reasoning + `</think>`, one greedy step, its logits kept.
     built += [(f"score_{name}", fn, args) for name, fn, args in decode.programs(
         model, rows, prompt + s.max_new_tokens + 8, max_new_tokens=1, return_logits=True,

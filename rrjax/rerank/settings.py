@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from rrjax.ranking.prompt import PROMPT_MODES
+from rrjax.ranking import prompt as prompt_lib
 from rrjax.ranking.rerank_loop import RERANK_MODES, SCHEDULES
 from rrjax.sharding import MeshConfig
 
@@ -26,8 +26,12 @@ class RerankSettings:
   batch_size: int | None = None  # decode slots; None: as many as the memory budget holds
   temperature: float = 0.0
   top_p: float = 1.0
+  # Decoding's top-k and min-p (0: off), as vLLM applies them (rrjax.sampling); `top_k` above is the candidates.
+  sampling_top_k: int = 0
+  min_p: float = 0.0
   seed: int = 0
-  prompt_mode: str = "reasoning"  # reasoning (rank_GPT_reasoning) | plain (rank_GPT)
+  # reasoning (rank_GPT_reasoning: 7B, 32B) | plain (rank_GPT) | qwen3 (rank_GPT_qwen3: 8B); upstream's names work too
+  prompt_mode: str = "reasoning"
   max_queries: int | None = None  # only the run's first N queries
   tag: str = "rrjax"
   # (data, fsdp, tensor) over this process's devices; None: one replica per device when the model fits one
@@ -39,8 +43,10 @@ class RerankSettings:
       raise ValueError(f"mode must be one of {RERANK_MODES}, got {self.mode!r}")
     if self.schedule not in SCHEDULES:
       raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-    if self.prompt_mode not in PROMPT_MODES:
-      raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {self.prompt_mode!r}")
+    try:
+      object.__setattr__(self, "prompt_mode", prompt_lib.prompt_mode(self.prompt_mode))
+    except ValueError as e:
+      raise ValueError(f"prompt_mode: {e}") from None
     for name in ("top_k", "window", "stride", "max_new_tokens"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
         raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -54,6 +60,8 @@ class RerankSettings:
       raise ValueError(f"min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}")
     if self.temperature < 0 or not 0 < self.top_p <= 1:
       raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+    if not isinstance(self.sampling_top_k, int) or self.sampling_top_k < 0 or not 0 <= self.min_p <= 1:
+      raise ValueError(f"need sampling_top_k >= 0 and 0 <= min_p <= 1, got {self.sampling_top_k!r}, {self.min_p!r}")
     if self.mesh is not None and not isinstance(self.mesh, MeshConfig):
       raise ValueError(f"mesh must be a MeshConfig (gin: @MeshConfig()) or None, got {self.mesh!r}")
     if not self.tag or any(c.isspace() for c in self.tag):

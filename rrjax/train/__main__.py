@@ -21,9 +21,9 @@ from rrjax.train import config as config_lib
 def model_preset(name: str = "tiny", *, param_dtype: str | None = None, dtype: str | None = None,
                  attention: str = "auto", scan_layers: bool = True, remat: str = "full",
                  **architecture) -> Qwen2Config:
-  """A Qwen2.5 preset ("0.5b" ... "72b", "tiny") with this run's policy; architecture overrides allowed. remat
-  defaults to 'full' (each layer keeps only its input for the backward pass), what long sequences need; see
-  rrjax.model.qwen2.REMAT_POLICIES for the others."""
+  """A preset ("0.5b" ... "72b" for Qwen2.5, "qwen3_0_6b" ... "qwen3_32b", "tiny") with this run's policy;
+  architecture overrides allowed. remat defaults to 'full' (each layer keeps only its input for the backward
+  pass), what long sequences need; see rrjax.model.qwen2.REMAT_POLICIES for the others."""
   return Qwen2Config.preset(name, param_dtype=param_dtype or "float32", dtype=dtype or hardware.default_dtype(),
                             attention=attention, scan_layers=scan_layers, remat=remat, **architecture)
 

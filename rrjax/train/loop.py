@@ -106,14 +106,14 @@ def run(config: TrainConfig, make_trainer: MakeTrainer, *, operative_config: str
   """Trains to `trainer.total_steps`, resuming from the newest checkpoint in `config.run_dir`."""
   run_dir = Path(config.run_dir)
   primary = jax.process_index() == 0
-  tok = tokenizer_lib.load(config.tokenizer or config.init_from)
+  model_cfg = model_config(config)
+  tok = tokenizer_lib.load(config.tokenizer or config.init_from, model_type=model_cfg.model_type)
   if primary:
     run_dir.mkdir(parents=True, exist_ok=True)
     if operative_config is not None:
       fileio.write_text(run_dir / "operative_config.gin", operative_config)
     tok.save(run_dir)  # the run directory is a tokenizer directory too: tokenizer.load(run_dir)
   mesh = sharding_lib.make_mesh(config.mesh)
-  model_cfg = model_config(config)
   trainer = make_trainer(config, mesh, model_cfg, tok)
   lay = state_lib.layout(model_constructor(config, model_cfg), trainer.tx, mesh)
   trainer.bind(lay)
