@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
@@ -57,8 +58,10 @@ def settings_from_gin(files: Sequence[str] = (), params: Sequence[str] = (),
   kwargs = gin_config.parse(files, params, _GIN_SETTINGS, subdir="rerank")
   unknown = sorted(set(kwargs) - set(FIELDS))
   if unknown:
-    raise ValueError(f"gin ({', '.join(map(str, files)) or '--gin_param'}): unknown RerankSettings field(s) "
-                     f"{', '.join(unknown)}; known: {', '.join(FIELDS)}")
+    bindings = [repr(" ".join(p.split())) for p in params
+                if any(re.match(rf"\s*RerankSettings\.{name}\s*=", p) for name in unknown)]
+    where = f"gin binding {', '.join(bindings)}" if bindings else f"gin ({', '.join(map(str, files))})"
+    raise ValueError(f"{where}: unknown RerankSettings field(s) {', '.join(unknown)}; known: {', '.join(FIELDS)}")
   return dataclasses.replace(base, **kwargs)
 
 
