@@ -125,6 +125,19 @@ def evaluate_both(qrels, reranked: Mapping, first_stage: Mapping, top_k: int) ->
   return {"num_queries": len(ours["per_query"]), "reranked": ours["mean"], "first_stage": base["mean"]}
 
 
+def finished_report(path: str | os.PathLike, settings: Mapping[str, Any], model: str) -> dict | None:
+  """The saved report at `path` of a rerank done with these settings (dataclasses.asdict) and model, None if
+  there is none; a ValueError if it was done differently (resuming would mix two configurations)."""
+  path = Path(path)
+  if not path.exists():
+    return None
+  report = json.loads(path.read_text())
+  if report.get("settings") != dict(settings) or report.get("model") != model:
+    raise ValueError(f"{path}: this was reranked with other settings or another model; use another --out or "
+                     "delete it")
+  return report
+
+
 def report_path(out: str | os.PathLike) -> Path:
   """OUT.trec -> OUT.json (a .gz suffix is dropped first)."""
   out = Path(out)
