@@ -119,28 +119,17 @@ def _rerank_argv(args, task: str, out: Path, passthrough: Sequence[str]) -> list
   return argv + (["--dtype", args.dtype] if args.dtype else []) + list(passthrough)
 
 
-def _finished(report_path: Path, settings: dict, model: str) -> dict | None:
-  """The saved report of a task done with these settings and model, None if not done; a ValueError if it was
-  done differently (resuming would mix two configurations in one table)."""
-  if not report_path.exists():
-    return None
-  report = json.loads(report_path.read_text())
-  if report.get("settings") != settings or report.get("model") != model:
-    raise ValueError(f"{report_path}: this task was reranked with other settings or another model; use another "
-                     "--out or delete it")
-  return report
-
-
 def rerank_tasks(args, tasks: Sequence[str], out: Path, passthrough: Sequence[str]) -> dict[str, dict]:
   """{task: report} for every task, reranking those without a finished report (with one model for all)."""
   from rrjax.rerank import cli as rerank_cli
+  from rrjax.rerank import report as report_lib
 
   loaded = None
   reports = {}
   for task in tasks:
     argv = _rerank_argv(args, task, out, passthrough)
     settings = rerank_cli.resolve_settings(rerank_cli.build_parser().parse_args(argv))
-    report = _finished(out / f"{task}.json", dataclasses.asdict(settings), str(args.model))
+    report = report_lib.finished_report(out / f"{task}.json", dataclasses.asdict(settings), str(args.model))
     if report is not None:
       print(f"rrjax.bright: {task}: done before, reusing {out / f'{task}.json'}", file=sys.stderr)
     else:

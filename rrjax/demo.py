@@ -87,22 +87,42 @@ def small_tokenizer(sft_json: Path, out: Path, vocab_size: int):
   return tokenizer_lib.load(out)
 
 
-def train(config: TrainConfig, operative: str) -> None:
+def _export(run_dir: Path) -> Path:
+  return run_dir / "hf" / "config.json"  # the training loop's last act: the run finished when it exists
+
+
+def _newer(path: Path, than: Path) -> bool:
+  return path.exists() and than.exists() and path.stat().st_mtime_ns >= than.stat().st_mtime_ns
+
+
+def train(config: TrainConfig, operative: str) -> bool:
+  """Trains (or resumes) one stage; False when it had finished before (its export is reused as it is)."""
   from rrjax.train import loop
+  if _export(Path(config.run_dir)).exists():
+    return False
   loop.run(config, train_entry.trainers()[config.trainer], operative_config=operative)
+  return True
 
 
-def rerank_heldout(model_dir: Path, data: Path, settings: Mapping[str, Any], out: Path) -> dict:
-  """`python -m rrjax.rerank` over the held-out split; returns its report's metrics."""
+def rerank_heldout(model_dir: Path, data: Path, settings: Mapping[str, Any], out: Path) -> tuple[dict, bool]:
+  """`python -m rrjax.rerank` over the held-out split: (its report's metrics, whether it ran). A report from
+  the same settings and model, newer than the model's export, is reused."""
   from rrjax import rerank
+  from rrjax.rerank import report as report_lib
   test = data / "test"
   argv = ["--model", str(model_dir), "--run", str(test / "run.lexical.txt"), "--queries", str(test / "topics.tsv"),
           "--corpus", str(test / "corpus.jsonl"), "--qrels", str(test / "qrels.txt"), "--out", str(out),
           "--no-progress"]
   for name, value in settings.items():
     argv += ["--gin_param", f"RerankSettings.{name} = {value!r}"]
+  report_file = rerank.report_path(out)
+  if _newer(report_file, _export(model_dir)):
+    resolved = rerank.resolve_settings(rerank.build_parser().parse_args(argv))
+    report = report_lib.finished_report(report_file, dataclasses.asdict(resolved), str(model_dir))
+    if report is not None and "metrics" in report:
+      return report["metrics"], False
   rerank.main(argv)
-  return json.loads(rerank.report_path(out).read_text())["metrics"]
+  return json.loads(report_file.read_text())["metrics"], True
 
 
 def compare_with_transformers(hf_dir: Path, prompt_ids: list[int]) -> dict[str, float]:
@@ -148,6 +168,17 @@ def plot(out: Path, sft_dir: Path, grpo_dir: Path, ndcg: Mapping[str, float]) ->
   return save_png(fig, out / "demo.png", dpi=90)
 
 
+def _finished_summary(out: Path, grpo_dir: Path, ndcg: Mapping[str, float]) -> dict | None:
+  """The previous run's summary when it describes this export (written after it, same nDCG) and its plot exists."""
+  path = out / "summary.json"
+  if not _newer(path, _export(grpo_dir)):
+    return None
+  summary = json.loads(path.read_text())
+  if summary.get("heldout_ndcg10") != dict(ndcg) or not Path(summary.get("plots", "")).is_file():
+    return None
+  return summary
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -183,25 +214,32 @@ def run(config: DemoConfig, operative: str, out: Path) -> dict:
       config.sft, run_dir=str(sft_dir), tokenizer=str(out / "tokenizer"), init_from=None,
       model=dataclasses.replace(config.sft.model, vocab_size=vocab),
       sft_data=dataclasses.replace(config.sft.sft_data, train_files=(str(data / "train" / "sft.json"),)))
-  train(sft, operative)
-  stage("sft", f"SFT: {sft.num_steps} steps -> {sft_dir}")
-  ndcg_sft = rerank_heldout(sft_dir, data, config.rerank, out / "rerank" / "sft.trec")
-  stage("rerank_sft", "reranked the held-out queries after SFT")
+  reused = " (finished before: reused)"
+  ran = train(sft, operative)
+  stage("sft", f"SFT: {sft.num_steps} steps -> {sft_dir}{'' if ran else reused}")
+  ndcg_sft, ran = rerank_heldout(sft_dir, data, config.rerank, out / "rerank" / "sft.trec")
+  stage("rerank_sft", f"reranked the held-out queries after SFT{'' if ran else reused}")
 
   grpo = dataclasses.replace(
       config.grpo, run_dir=str(grpo_dir), init_from=str(sft_dir), tokenizer=None,
       rl_data=dataclasses.replace(config.grpo.rl_data, train_files=(str(data / "train" / "rl.jsonl"),)))
-  train(grpo, operative)
-  stage("grpo", f"GRPO: {grpo.num_steps} steps -> {grpo_dir}")
-  ndcg_grpo = rerank_heldout(grpo_dir, data, config.rerank, out / "rerank" / "grpo.trec")
-  stage("rerank_grpo", "reranked the held-out queries after SFT + GRPO")
+  ran = train(grpo, operative)
+  stage("grpo", f"GRPO: {grpo.num_steps} steps -> {grpo_dir}{'' if ran else reused}")
+  ndcg_grpo, ran = rerank_heldout(grpo_dir, data, config.rerank, out / "rerank" / "grpo.trec")
+  stage("rerank_grpo", f"reranked the held-out queries after SFT + GRPO{'' if ran else reused}")
 
   ndcg = {"first_stage": ndcg_sft["first_stage"]["ndcg@10"], "sft": ndcg_sft["reranked"]["ndcg@10"],
           "grpo": ndcg_grpo["reranked"]["ndcg@10"]}
-  first_heldout = next(rl_data.read_rl_jsonl(data / "test" / "rl.jsonl", tokenizer=tok))
-  parity = compare_with_transformers(grpo_dir / "hf", tok.encode(first_heldout.prompt))
-  png = plot(out, sft_dir, grpo_dir, ndcg)
-  stage("export_and_plots", f"exported {grpo_dir / 'hf'}, plots in {png}")
+  previous = _finished_summary(out, grpo_dir, ndcg)
+  if previous is not None:  # the same export, already compared with transformers and plotted
+    parity = {k: previous[k] for k in ("transformers_max_abs_logit_diff",) if k in previous}
+    png = Path(previous["plots"])
+    stage("export_and_plots", f"exported {grpo_dir / 'hf'}, plots in {png}{reused}")
+  else:
+    first_heldout = next(rl_data.read_rl_jsonl(data / "test" / "rl.jsonl", tokenizer=tok))
+    parity = compare_with_transformers(grpo_dir / "hf", tok.encode(first_heldout.prompt))
+    png = plot(out, sft_dir, grpo_dir, ndcg)
+    stage("export_and_plots", f"exported {grpo_dir / 'hf'}, plots in {png}")
 
   summary = {"heldout_ndcg10": ndcg, "gain_over_first_stage": ndcg["grpo"] - ndcg["first_stage"],
              "heldout_queries": ndcg_sft["num_queries"], "rerank": dict(config.rerank),

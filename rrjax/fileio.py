@@ -97,3 +97,31 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+@contextlib.contextmanager
+def removed_on_error(path: PathLike, enabled: bool = True) -> Iterator[Path]:
+  """Undoes what the body adds to the directory `path` if the body raises: the entries it created there (and
+  `path` itself, with any parent directories, when they did not exist before). Entries that were there before
+  are left as they are, so a failed check on an existing run leaves that run untouched."""
+  path = Path(path).absolute()
+  top = path  # the outermost directory this body creates, removed whole on error
+  while not top.parent.exists():
+    top = top.parent
+  before = set(os.listdir(path)) if path.is_dir() else None
+  try:
+    yield path
+  except BaseException:
+    if enabled:
+      if before is None:
+        if top.exists():
+          shutil.rmtree(top, ignore_errors=True)
+      elif path.is_dir():
+        for name in set(os.listdir(path)) - before:
+          entry = path / name
+          if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+          else:
+            with contextlib.suppress(FileNotFoundError):
+              entry.unlink()
+    raise

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib.util  # noqa: F401  gin 0.5.0 needs it loaded before relative includes
 import os
+import re
+import tokenize
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
@@ -63,8 +65,23 @@ def parse(gin_files: Sequence[str | Path], gin_params: Sequence[str], make: Call
     # every search path a name is not under.
     gin.config._FILE_READERS[:] = [(open, os.path.isfile)]
     try:
-      gin.parse_config_files_and_bindings([str(f) for f in files], list(gin_params), finalize_config=False)
-      return make()
+      gin.parse_config_files_and_bindings([str(f) for f in files], None, finalize_config=False)
     except Exception as e:  # gin raises ValueError, KeyError, TypeError, IOError, TokenError; messages name file:line
-      where = ", ".join(str(f) for f in gin_files) or "--gin_param"
-      raise ValueError(f"gin ({where}): {' '.join(str(e).split())}") from None
+      raise ValueError(f"gin ({', '.join(map(str, gin_files))}): {_one_line(e)}") from None
+    for binding in gin_params:  # one at a time, so that an error names its binding rather than the files
+      try:
+        gin.parse_config(binding)
+      except Exception as e:
+        message = re.sub(r"\s*In bindings string line \d+.*$", "", _one_line(e))
+        raise ValueError(f"gin binding {' '.join(binding.split())!r}: {message}") from None
+    try:
+      return make()
+    except Exception as e:  # a value the configurable refuses: any of the files or bindings may have set it
+      where = ", ".join([str(f) for f in gin_files] + [repr(" ".join(b.split())) for b in gin_params])
+      raise ValueError(f"gin ({where or 'no bindings'}): {_one_line(e)}") from None
+
+
+def _one_line(e: Exception) -> str:
+  if isinstance(e, tokenize.TokenError):  # ('unexpected EOF in multi-line statement', (1, 0))
+    return f"{e.args[0]} (an unclosed bracket or quote?)"
+  return " ".join(str(e).split()) or type(e).__name__

@@ -89,7 +89,7 @@ def test_whole_table_on_a_snapshot_resumes_per_task(tmp_path, tiny_model, capsys
   assert "economics: done before" in err and "pony: reranking" in err
   assert (out / "economics.trec").stat().st_mtime_ns == stamps["economics.trec"]
   # Other settings for the same --out are refused rather than mixed into one table.
-  with pytest.raises(ValueError, match=r"economics\.json: this task was reranked with other settings"):
+  with pytest.raises(ValueError, match=r"economics\.json: this was reranked with other settings"):
     bright.main([a if a != "16" else "24" for a in argv])
 
 

@@ -42,10 +42,19 @@ def test_demo_end_to_end_beats_the_first_stage(tmp_path):
   assert summary["transformers_max_abs_logit_diff"] <= 1e-4
   assert (out / "grpo" / "hf" / "config.json").exists() and (out / "demo.png").stat().st_size > 10_000
   assert "after SFT + GRPO" in proc.stdout
-  # Rerunning resumes every stage instead of training again; a different config is refused.
+  # Rerunning reuses every finished stage (training, both reranks, the export's check and plots) instead of
+  # running it again; a different config is refused.
+  outputs = [out / "rerank" / f"{s}.{x}" for s in ("sft", "grpo") for x in ("trec", "json")] + [out / "demo.png"]
+  stamps = [p.stat().st_mtime_ns for p in outputs]
   again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert again.returncode == 0 and "resumed" in again.stdout, again.stderr[-2000:]
-  assert json.loads((out / "summary.json").read_text())["heldout_ndcg10"] == ndcg
+  assert again.returncode == 0, again.stderr[-2000:]
+  reused = [line for line in again.stdout.splitlines() if line.endswith("s)") and "(finished before: reused)" in line]
+  assert len(reused) == 5 and "rrjax.train" not in again.stdout and "rrjax.rerank" not in again.stderr, again.stdout
+  assert [p.stat().st_mtime_ns for p in outputs] == stamps
+  rerun = json.loads((out / "summary.json").read_text())
+  assert rerun["heldout_ndcg10"] == ndcg and rerun["transformers_max_abs_logit_diff"] == \
+      summary["transformers_max_abs_logit_diff"]
+  assert all(rerun["seconds"][k] < 5 for k in ("sft", "rerank_sft", "grpo", "rerank_grpo", "export_and_plots"))
   other = subprocess.run(cmd + ["--gin_param", "TaskConfig.seed = 1"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
   assert other.returncode != 0 and "different configuration" in other.stderr

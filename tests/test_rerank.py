@@ -97,6 +97,31 @@ def test_cli_listwise_subprocess(tiny_dir, dl19, tmp_path):
   assert set(metrics["reranked"]) == {"ndcg@1", "ndcg@5", "ndcg@10", "recall@100"}
   assert metrics["reranked"]["recall@100"] == pytest.approx(metrics["first_stage"]["recall@100"])
   assert "windows" in proc.stderr  # the tqdm bar
+  # A random model writes no answer tags: the console line says how many windows fell back, as the report does.
+  parsers = report["totals"]["parsers"]
+  fell = sum(v for k, v in parsers.items() if k != "answer_tag")
+  summary = [line for line in proc.stderr.splitlines() if line.startswith("rrjax.rerank: 2 queries")]
+  assert fell > 0 and len(summary) == 1 and f"parser: {fell} of 18 windows fell back" in summary[0], proc.stderr
+
+
+def test_fallback_note_counts_what_the_parser_could_not_read():
+  assert rr.report.fallback_note({"parsers": {"answer_tag": 9}}) is None
+  note = rr.report.fallback_note({"parsers": {"answer_tag": 5, "whole_text": 3, "unparsable": 1}})
+  assert note == "4 of 9 windows fell back: 3 read from the whole text, 1 unparsable (left in first-stage order)"
+  assert rr.report.fallback_note({"sources": {"think_end": 6, "cut": 2}}) == \
+      "2 of 8 passages fell back: 2 cut before </think>"
+
+
+def test_help_shows_every_default():
+  defaults = rr.RerankSettings()
+  group = next(g for g in rr.build_parser()._action_groups if g.title.startswith("settings"))
+  for action in group._group_actions:
+    field = action.dest
+    assert action.help and "default" in action.help, field
+    value = getattr(defaults, field)
+    if value is not None and not isinstance(value, bool):
+      assert str(value) in action.help, (field, action.help)
+  assert {a.dest for a in group._group_actions} == set(rr.settings.FIELDS)  # every setting has its flag
 
 
 def test_cli_default_concurrency_stays_within_its_memory_budget(tiny_dir, dl19, tmp_path):

@@ -292,11 +292,33 @@ def test_bad_data_row_and_gin_typo_are_one_line_errors(workdir):
   assert proc.wait(timeout=300) != 0
   err = proc.stderr.read().strip().splitlines()
   assert len(err) == 1 and "bad.jsonl:2" in err[0] and "instruction" in err[0], err
-  assert not (workdir / "badrun" / "checkpoints").exists() or not list((workdir / "badrun" / "checkpoints").iterdir())
+  out = proc.stdout.read()
+  assert "Downloading" not in out and "rrjax: tokenizing the SFT files" in out, out  # local files: no TFDS download
+  assert not (workdir / "badrun").exists()  # failed before training: no run directory left behind
+  # A failed check on an existing directory leaves it as it was (nothing added, nothing overwritten).
+  kept = workdir / "kept"
+  kept.mkdir()
+  (kept / "notes.txt").write_text("mine")
+  proc = _cli([f"--gin_param={p}" for p in F.gin_params(kept, workdir / "sft.json", workdir / "tok")]
+              + ["--gin.SFTDataConfig.train_files=()"])
+  assert proc.wait(timeout=300) == 2
+  assert "SFTDataConfig.train_files: no training files configured" in proc.stderr.read()
+  assert [p.name for p in kept.iterdir()] == ["notes.txt"] and (kept / "notes.txt").read_text() == "mine"
+  # A typo in a binding names the binding, not the gin file.
   proc = _cli(["--gin_param=TrainConfg.num_steps = 3"])
   assert proc.wait(timeout=300) != 0
   err = proc.stderr.read().strip().splitlines()
-  assert len(err) == 1 and "TrainConfg" in err[0], err
+  assert len(err) == 1 and "gin binding 'TrainConfg.num_steps = 3'" in err[0], err
+  assert "tiny_cpu.gin" not in err[0] and "bindings string" not in err[0], err
+
+
+def test_help_lists_every_flag_form(capsys):
+  with pytest.raises(SystemExit):
+    entry.parse_flags(["--help"])
+  text = capsys.readouterr().out
+  assert "--gin_file" in text and "--gin_param" in text and "--gin.NAME=VALUE" in text
+  args = entry.parse_flags(["--gin_file=a.gin", "--gin.TrainConfig.num_steps=3", "--gin_param", "x.y = 1"])
+  assert args.gin_file == ["a.gin"] and args.gin_param == ["x.y = 1", "TrainConfig.num_steps = 3"]
 
 
 def test_export_cli_and_from_pretrained_of_a_run(workdir):

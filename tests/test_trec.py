@@ -53,8 +53,8 @@ def test_rankgpt_excerpt():
 
 @pytest.mark.parametrize("content,line,pattern", [
   ("q1 Q0 d1 1 1.5 t\nq1 Q0 d2 2 1.0\n", 2, "expected 6 fields"),
-  ("q1 Q0 d1 1 1.5 t\n\nq1 Q0 d2 two 1.0 t\n", 3, "invalid literal"),
-  ("q1 Q0 d1 1 high t\n", 1, "could not convert"),
+  ("q1 Q0 d1 1 1.5 t\n\nq1 Q0 d2 two 1.0 t\n", 3, "rank 'two' is not an integer$"),
+  ("q1 Q0 d1 1 high t\n", 1, "score 'high' is not a number$"),
   ("q1 Q0 d1 1 1.5 t\nq1 Q0 d1 2 1.0 t\n", 2, "duplicate docid"),
   ("q1 Q0 d1 1 nan t\n", 1, "NaN"),
 ])
@@ -72,20 +72,21 @@ def test_run_errors_name_file_and_line(tmp_path, content, line, pattern):
 
 def test_other_errors_name_file_and_line(tmp_path):
   cases = [
-    (trec.read_qrels, "q.txt", "q1 0 d1 1\nq1 0 d2\n", 2),
-    (trec.read_qrels, "q2.txt", "q1 0 d1 yes\n", 1),
+    (trec.read_qrels, "q.txt", "q1 0 d1 1\nq1 0 d2\n", 2, "expected 4 fields"),
+    (trec.read_qrels, "q2.txt", "q1 0 d1 yes\n", 1, "relevance grade 'yes' is not an integer"),
     (trec.read_topics, "t.tsv", "1\tok\nno tab here\n", 2),
     (trec.read_topics, "t.jsonl", '{"id": "1", "query": "a"}\n{"id": "2"}\n', 2),
     (trec.read_topics, "t2.jsonl", '{"id": "1", "query": "a"}\n{not json\n', 2),
     (trec.read_corpus, "c.jsonl", '{"_id": "d1", "text": "x"}\n{"_id": "d1", "text": "y"}\n', 2),
     (trec.read_corpus, "c2.jsonl", '{"_id": "d1"}\n', 1),
   ]
-  for reader, name, content, line in cases:
+  for reader, name, content, line, *words in cases:
     path = tmp_path / name
     path.write_text(content)
     with pytest.raises(trec.TrecFormatError) as err:
       reader(path)
     assert str(err.value).startswith(f"{path}:{line}: "), str(err.value)
+    assert all(w in str(err.value) for w in words), str(err.value)  # our words, not Python's
   bad_utf8 = tmp_path / "b.run"
   bad_utf8.write_bytes(b"q1 Q0 d1 1 1.0 t\nq1 Q0 \xff 2 1.0 t\n")
   with pytest.raises(trec.TrecFormatError, match=r"b\.run:2: not UTF-8"):

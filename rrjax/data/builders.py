@@ -76,6 +76,14 @@ class RrjaxSft(tfds.core.GeneratorBasedBuilder):
     # TFDS's own lookup needs `importlib_resources` for builders inside a package; it is not installed.
     return epath.Path(__file__)
 
+  # TFDS announces every build as a download ("Downloading and preparing dataset Unknown size ..."); these
+  # files are local, so say what happens in the project's words instead.
+  def _log_download_bytes(self) -> None:
+    print(f"rrjax: tokenizing the SFT files into {self.data_dir}", flush=True)
+
+  def _log_download_done(self) -> None:
+    pass
+
   def _info(self) -> tfds.core.DatasetInfo:
     # DatasetInfo(builder=self) because this builder lives outside a registered TFDS package.
     return tfds.core.DatasetInfo(builder=self, description=__doc__, features=_features(), disable_shuffling=True,

@@ -71,6 +71,14 @@ def numbered_lines(path: PathLike) -> Iterator[tuple[int, str]]:
     raise TrecFormatError(path, n + 1 if n else None, f"cannot read: {e}") from None
 
 
+def _number(kind: type, text: str, name: str, what: str):
+  """`kind(text)`, or a ValueError in our words (not Python's "invalid literal for int() with base 10")."""
+  try:
+    return kind(text)
+  except ValueError:
+    raise ValueError(f"{name} {text!r} is not {what}") from None
+
+
 def read_run(path: PathLike, skip_malformed: bool = False) -> TrecDict:
   """`qid Q0 docid rank score tag` -> {qid: {docid: score}}; rank is ignored, as trec_eval does."""
   run = TrecDict()
@@ -82,8 +90,8 @@ def read_run(path: PathLike, skip_malformed: bool = False) -> TrecDict:
       if len(fields) != 6:
         raise ValueError(f"expected 6 fields 'qid Q0 docid rank score tag', got {len(fields)}")
       qid, _, docid, rank, score, _ = fields
-      int(rank)
-      value = float(score)
+      _number(int, rank, "rank", "an integer")
+      value = _number(float, score, "score", "a number")
       if math.isnan(value):
         raise ValueError("score is NaN")
       docs = run.setdefault(qid, {})
@@ -111,7 +119,7 @@ def read_qrels(path: PathLike, skip_malformed: bool = False) -> TrecDict:
       docs = qrels.setdefault(qid, {})
       if docid in docs:
         raise ValueError(f"duplicate judgment of {docid!r} for query {qid!r}")
-      docs[docid] = int(rel)
+      docs[docid] = _number(int, rel, "relevance grade", "an integer")
     except ValueError as e:
       if not skip_malformed:
         raise TrecFormatError(path, n, str(e)) from None

@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
@@ -57,8 +58,10 @@ def settings_from_gin(files: Sequence[str] = (), params: Sequence[str] = (),
   kwargs = gin_config.parse(files, params, _GIN_SETTINGS, subdir="rerank")
   unknown = sorted(set(kwargs) - set(FIELDS))
   if unknown:
-    raise ValueError(f"gin ({', '.join(map(str, files)) or '--gin_param'}): unknown RerankSettings field(s) "
-                     f"{', '.join(unknown)}; known: {', '.join(FIELDS)}")
+    bindings = [repr(" ".join(p.split())) for p in params
+                if any(re.match(rf"\s*RerankSettings\.{name}\s*=", p) for name in unknown)]
+    where = f"gin binding {', '.join(bindings)}" if bindings else f"gin ({', '.join(map(str, files))})"
+    raise ValueError(f"{where}: unknown RerankSettings field(s) {', '.join(unknown)}; known: {', '.join(FIELDS)}")
   return dataclasses.replace(base, **kwargs)
 
 
@@ -94,27 +97,31 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--gin_param", action="append", default=[], help="e.g. 'RerankSettings.window = 20'")
   ap.add_argument("--dtype", help="model dtype (default: float32 on CPU, bfloat16 on accelerators)")
   ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-  flags = ap.add_argument_group("settings (override gin; defaults are upstream's)")
-  flags.add_argument("--mode", choices=loop.RERANK_MODES)
-  flags.add_argument("--top-k", type=_positive)
-  flags.add_argument("--window", type=_positive)
-  flags.add_argument("--stride", type=_positive)
-  flags.add_argument("--max-passage-tokens", type=int)
-  flags.add_argument("--max-new-tokens", type=_positive)
-  flags.add_argument("--min-new-tokens", type=int)
+  d = RerankSettings()  # the flags default to None (gin may set a field); --help shows what applies without gin
+  flags = ap.add_argument_group("settings (override gin; defaults are upstream's, shown here; gin RerankSettings.*)")
+  flags.add_argument("--mode", choices=loop.RERANK_MODES, help=f"default: {d.mode}")
+  flags.add_argument("--top-k", type=_positive, help=f"candidates reranked per query (default: {d.top_k})")
+  flags.add_argument("--window", type=_positive, help=f"passages per window (default: {d.window})")
+  flags.add_argument("--stride", type=_positive, help=f"window step, back to front (default: {d.stride})")
+  flags.add_argument("--max-passage-tokens", type=int, help=f"passages cut to this many tokens (default: "
+                     f"{d.max_passage_tokens}; upstream uses 100 on BEIR and TREC DL)")
+  flags.add_argument("--max-new-tokens", type=_positive, help=f"per window (default: {d.max_new_tokens} = 3072 of "
+                     "reasoning + 100)")
+  flags.add_argument("--min-new-tokens", type=int, help=f"default: {d.min_new_tokens}")
   flags.add_argument("--batch-size", type=_positive, help="decode slots (default: as many as memory holds)")
   flags.add_argument("--schedule", choices=loop.SCHEDULES, help="async (default): a query's next window starts "
                      "as soon as its last one ends; lockstep: every query's k-th window together")
   flags.add_argument("--mesh", type=_mesh, help="D,F,T: a (data, fsdp, tensor) mesh over this process's devices "
                      "(default: replicas when the model fits one device, else tensor parallelism)")
-  flags.add_argument("--temperature", type=float)
-  flags.add_argument("--top-p", type=float)
-  flags.add_argument("--sampling-top-k", type=int, help="decoding's top-k (0: off; --top-k is the candidates)")
-  flags.add_argument("--min-p", type=float, help="decoding's min-p (0: off)")
-  flags.add_argument("--seed", type=int)
-  flags.add_argument("--prompt-mode", choices=PROMPT_MODES + tuple(UPSTREAM_MODES))
-  flags.add_argument("--max-queries", type=_positive, help="only the run's first N queries")
-  flags.add_argument("--tag", help="the run's tag column")
+  flags.add_argument("--temperature", type=float, help=f"default: {d.temperature} (greedy)")
+  flags.add_argument("--top-p", type=float, help=f"default: {d.top_p}")
+  flags.add_argument("--sampling-top-k", type=int,
+                     help=f"decoding's top-k (0: off; --top-k is the candidates; default: {d.sampling_top_k})")
+  flags.add_argument("--min-p", type=float, help=f"decoding's min-p (0: off; default: {d.min_p})")
+  flags.add_argument("--seed", type=int, help=f"default: {d.seed}")
+  flags.add_argument("--prompt-mode", choices=PROMPT_MODES + tuple(UPSTREAM_MODES), help=f"default: {d.prompt_mode}")
+  flags.add_argument("--max-queries", type=_positive, help="only the run's first N queries (default: all)")
+  flags.add_argument("--tag", help=f"the run's tag column (default: {d.tag})")
   return ap
 
 
@@ -239,5 +246,8 @@ def main(argv: Sequence[str] | None = None, *, loaded=None) -> int:
   if metrics is not None:
     line += "; " + ", ".join(f"{k} {v:.4f} (first stage {metrics['first_stage'][k]:.4f})"
                              for k, v in metrics["reranked"].items())
+  note = report_lib.fallback_note(totals)
+  if note:
+    line += f"; parser: {note} (per query in {report_lib.report_path(args.out)})"
   print(line, file=sys.stderr)
   return 0

@@ -65,6 +65,25 @@ def build_report(settings: RerankSettings, out: RerankOutput, *, sources: Mappin
   return report
 
 
+# What the console line says about outputs the parser could not read as intended (rrjax.ranking.parse SOURCES,
+# rrjax.ranking.pointwise POINTWISE_SOURCES); the report has the per-query counts.
+_FALLBACKS = {"last_answer": "read after the last <answer>", "whole_text": "read from the whole text",
+              "unparsable": "unparsable (left in first-stage order)", "cut": "cut before </think>",
+              "failed": "failed (scored 0.5)"}
+
+
+def fallback_note(totals: Mapping[str, Any]) -> str | None:
+  """'12 of 90 windows fell back: 10 read from the whole text, 2 unparsable (left in first-stage order)', or None
+  when every window (Rank1: passage) was parsed as the model was trained to answer."""
+  counts = totals.get("parsers") or totals.get("sources") or {}
+  unit = "windows" if "parsers" in totals else "passages"
+  fell = {k: v for k, v in counts.items() if k in _FALLBACKS and v}
+  if not fell:
+    return None
+  what = ", ".join(f"{v} {_FALLBACKS[k]}" for k, v in sorted(fell.items(), key=lambda kv: -kv[1]))
+  return f"{sum(fell.values())} of {sum(counts.values())} {unit} fell back: {what}"
+
+
 def merge_reports(reports: Sequence[dict]) -> dict:
   """One report from the per-process reports of a multi-host run (a single report is returned as is)."""
   if len(reports) == 1:
@@ -104,6 +123,19 @@ def evaluate_both(qrels, reranked: Mapping, first_stage: Mapping, top_k: int) ->
   ours = evaluate(qrels, reranked, names)
   base = evaluate(qrels, first_stage, names)
   return {"num_queries": len(ours["per_query"]), "reranked": ours["mean"], "first_stage": base["mean"]}
+
+
+def finished_report(path: str | os.PathLike, settings: Mapping[str, Any], model: str) -> dict | None:
+  """The saved report at `path` of a rerank done with these settings (dataclasses.asdict) and model, None if
+  there is none; a ValueError if it was done differently (resuming would mix two configurations)."""
+  path = Path(path)
+  if not path.exists():
+    return None
+  report = json.loads(path.read_text())
+  if report.get("settings") != dict(settings) or report.get("model") != model:
+    raise ValueError(f"{path}: this was reranked with other settings or another model; use another --out or "
+                     "delete it")
+  return report
 
 
 def report_path(out: str | os.PathLike) -> Path:

@@ -50,9 +50,18 @@ def trainers() -> dict:
 
 
 def parse_flags(argv):
-  parser = argparse.ArgumentParser(prog="python -m rrjax.train", description=__doc__.splitlines()[0])
-  parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
-  parser.add_argument("--gin_param", action="append", default=[], help="gin binding (repeatable)")
+  parser = argparse.ArgumentParser(
+      prog="python -m rrjax.train", description=__doc__.splitlines()[0],
+      usage="%(prog)s --gin_file FILE [--gin_file FILE ...] [--gin_param BINDING ...] [--gin.NAME=VALUE ...] "
+            "[multi-host flags]",
+      epilog="A binding can also be given t5x-style: --gin.NAME=VALUE (e.g. --gin.TrainConfig.num_steps=100, "
+             "--gin.TrainConfig.run_dir=\"'runs/x'\"), the same as --gin_param 'NAME = VALUE'. Flags take "
+             "their value as --flag VALUE or --flag=VALUE. A config name resolves against the working directory "
+             "first, then rrjax's configs (sft/tiny_cpu.gin, grpo/reasonrank_7b.gin, ...).")
+  parser.add_argument("--gin_file", action="append", default=[], metavar="FILE",
+                      help="gin file (repeatable; later files override earlier ones)")
+  parser.add_argument("--gin_param", action="append", default=[], metavar="BINDING",
+                      help="gin binding such as 'TrainConfig.num_steps = 100' (repeatable; applied after the files)")
   from rrjax import distributed
   distributed.add_flags(parser)
   args, rest = parser.parse_known_args(argv)

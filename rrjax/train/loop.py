@@ -106,24 +106,34 @@ def run(config: TrainConfig, make_trainer: MakeTrainer, *, operative_config: str
   """Trains to `trainer.total_steps`, resuming from the newest checkpoint in `config.run_dir`."""
   run_dir = Path(config.run_dir)
   primary = jax.process_index() == 0
-  model_cfg = model_config(config)
-  tok = tokenizer_lib.load(config.tokenizer or config.init_from, model_type=model_cfg.model_type)
-  if primary:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if operative_config is not None:
-      fileio.write_text(run_dir / "operative_config.gin", operative_config)
-    tok.save(run_dir)  # the run directory is a tokenizer directory too: tokenizer.load(run_dir)
-  mesh = sharding_lib.make_mesh(config.mesh)
-  trainer = make_trainer(config, mesh, model_cfg, tok)
-  lay = state_lib.layout(model_constructor(config, model_cfg), trainer.tx, mesh)
-  trainer.bind(lay)
-  if config.preflight:
-    _preflight(trainer, mesh, run_dir if primary else None)
-  ckpt = checkpoint_lib.Checkpointer(run_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-  iterator = trainer.data_iterator()
-  restored = _restore(ckpt, lay.abstract, iterator)
+  # Every check (data, shapes, preflight, restore) runs before anything of the run is written; a run that fails
+  # one leaves run_dir as it found it (no new directory, nothing half-written beside an existing run).
+  with fileio.removed_on_error(run_dir, enabled=primary):
+    model_cfg = model_config(config)
+    tok = tokenizer_lib.load(config.tokenizer or config.init_from, model_type=model_cfg.model_type)
+    mesh = sharding_lib.make_mesh(config.mesh)
+    trainer = make_trainer(config, mesh, model_cfg, tok)
+    lay = state_lib.layout(model_constructor(config, model_cfg), trainer.tx, mesh)
+    trainer.bind(lay)
+    preflight = _preflight(trainer, mesh) if config.preflight else None
+    ckpt = checkpoint_lib.Checkpointer(run_dir, keep=config.checkpoint.keep,
+                                       async_save=config.checkpoint.async_save)
+    try:
+      iterator = trainer.data_iterator()
+      restored = _restore(ckpt, lay.abstract, iterator)
+      state = None if restored is not None else state_lib.init_state(
+          build_model(config, model_cfg, mesh), trainer.tx, lay, config.seed)
+      if primary:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if operative_config is not None:
+          fileio.write_text(run_dir / "operative_config.gin", operative_config)
+        tok.save(run_dir)  # the run directory is a tokenizer directory too: tokenizer.load(run_dir)
+        if preflight is not None:
+          aot.write(preflight, run_dir / aot.FILE)
+    except BaseException:
+      ckpt.close()
+      raise
   if restored is None:
-    state = state_lib.init_state(build_model(config, model_cfg, mesh), trainer.tx, lay, config.seed)
     start = 0
     print(f"rrjax.train: new run in {run_dir} ({sharding_lib.describe(mesh)})", flush=True)
   else:
@@ -174,9 +184,9 @@ def run(config: TrainConfig, make_trainer: MakeTrainer, *, operative_config: str
   return state
 
 
-def _preflight(trainer: Trainer, mesh: Mesh, run_dir: Path | None) -> dict:
-  """Compiles every program before the first step (the step then reuses them), prints the per-device memory in
-  one line, writes preflight.json; a run that cannot fit stops here."""
+def _preflight(trainer: Trainer, mesh: Mesh) -> dict:
+  """Compiles every program before the first step (the step then reuses them) and prints the per-device memory
+  in one line; a run that cannot fit stops here. Returns the report (the run writes it as preflight.json)."""
   devices = list(mesh.devices.flat)
   platform = hardware.platform()
   rep = aot.measure(trainer, mesh, topology=f"{platform}:{len(devices)}", platform=platform,
@@ -184,8 +194,6 @@ def _preflight(trainer: Trainer, mesh: Mesh, run_dir: Path | None) -> dict:
   print(f"rrjax.train: preflight: {aot.summary(rep)}", flush=True)
   for warning in rep["warnings"]:
     log.warning("preflight: %s", warning)
-  if run_dir is not None:
-    aot.write(rep, run_dir / aot.FILE)
   if not rep["fits"]:
     raise ValueError(f"preflight: {aot.failure(rep)}")
   return rep
