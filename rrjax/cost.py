@@ -91,12 +91,14 @@ class Work:
 
 def _layer_flops_per_token(c) -> dict[str, float]:
   D, N, K, H, F = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
-  return {"qkv": 2.0 * (D * N * H + 2 * D * K * H), "o": 2.0 * N * H * D, "mlp": 2.0 * 3 * D * F}
+  return {"qkv": 2.0 * (D * N * H + 2 * D * K * H), "o": 2.0 * N * H * D, "gate_up": 2.0 * 2 * D * F,
+          "down": 2.0 * D * F}
 
 
-# Matmuls each remat policy recomputes in the backward pass (rrjax.model.qwen2.REMAT_POLICIES).
-_RECOMPUTED = {"none": (), "full": ("qkv", "o", "mlp", "attn"), "qkv": ("o", "mlp", "attn"),
-               "qkv_attn": ("o", "mlp"), "dots": (), "dots_no_batch": ("attn",)}
+# Matmuls each remat policy recomputes in the backward pass (rrjax.model.qwen2.REMAT_POLICIES). Never the down
+# projection: its output is the layer's output, which no gradient needs (jax drops it from the recompute).
+_RECOMPUTED = {"none": (), "full": ("qkv", "o", "gate_up", "attn"), "qkv": ("o", "gate_up", "attn"),
+               "qkv_attn": ("o", "gate_up"), "dots": (), "dots_no_batch": ("attn",)}
 
 
 def useful(work: Work) -> dict[str, float]:
@@ -122,7 +124,8 @@ def useful(work: Work) -> dict[str, float]:
                                        + (attn if "attn" in rec else 0))
     # The weights read by the forward and the backward pass; with full training also the optimizer's update
     # (parameter, gradient and AdamW's two moments read in float32, parameter and moments written).
-    params = sum(math.prod(s) for s in _weight_shapes(c)) + (0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size)
+    params = sum(math.prod(s) for s in _weight_shapes(c))
+    params += 0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size
     out["hbm_bytes"] = 2 * weights_param + (0 if w.frozen_base else 7 * 4 * params)
   elif w.kind in ("forward", "prefill"):
     out["flops"] = w.passes * forward
