@@ -193,7 +193,8 @@ def measure_programs(programs: Sequence[Program], mesh, *, topology: str, platfo
     from rrjax import cost as cost_lib
     for p, m in zip(programs, measured):
       if m.compiled is not None:
-        m.cost = cost_lib.program_cost(m.compiled.as_text(), p.work, chip, len(devices))
+        m.cost = cost_lib.program_cost(m.compiled.as_text(), p.work, chip, len(devices),
+                                       dict(zip(mesh.axis_names, mesh.axis_sizes)).get("tensor", 1))
   rep = report(measured, topology=topology, devices=devices, mesh=mesh, hbm_bytes=hbm_bytes, platform=platform,
                warnings=[*attention_warnings(programs, platform), *warnings])
   if cost:

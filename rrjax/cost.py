@@ -116,7 +116,8 @@ def useful(work: Work) -> dict[str, float]:
   kv_row = L * 2 * K * H * w.cache_itemsize  # bytes of one position's keys and values, all layers
   weights = sum(math.prod(s) for s in _weight_shapes(c)) * _dtype_bytes(c.dtype)
   weights_param = sum(math.prod(s) for s in _weight_shapes(c)) * _dtype_bytes(c.param_dtype)
-  out = {"flops": 0.0, "hbm_bytes": 0.0, "remat_flops": 0.0}
+  # weight_bytes: read by every model replica (per device: its tensor shard); hbm_bytes: the rest, split evenly
+  out = {"flops": 0.0, "hbm_bytes": 0.0, "weight_bytes": 0.0, "remat_flops": 0.0}
   if w.kind == "train":
     out["flops"] = (2 if w.frozen_base else 3) * forward
     rec = _RECOMPUTED.get(c.remat, ())
@@ -126,13 +127,16 @@ def useful(work: Work) -> dict[str, float]:
     # (parameter, gradient and AdamW's two moments read in float32, parameter and moments written).
     params = sum(math.prod(s) for s in _weight_shapes(c))
     params += 0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size
-    out["hbm_bytes"] = 2 * weights_param + (0 if w.frozen_base else 7 * 4 * params)
+    out["weight_bytes"] = 2 * weights_param
+    out["hbm_bytes"] = 0 if w.frozen_base else 7 * 4 * params
   elif w.kind in ("forward", "prefill"):
     out["flops"] = w.passes * forward
-    out["hbm_bytes"] = w.passes * weights + (w.rows * w.tokens * kv_row if w.kind == "prefill" else 0)
+    out["weight_bytes"] = w.passes * weights
+    out["hbm_bytes"] = w.rows * w.tokens * kv_row if w.kind == "prefill" else 0
   elif w.kind == "decode":
     out["flops"] = forward
-    out["hbm_bytes"] = weights + w.rows * context * kv_row
+    out["weight_bytes"] = weights
+    out["hbm_bytes"] = w.rows * context * kv_row
   elif w.kind != "insert":
     raise ValueError(f"Work.kind {w.kind!r}: expected train, forward, prefill, insert or decode")
   return out
@@ -169,12 +173,15 @@ def _ratio(a: float, b: float) -> float | None:
   return a / b if b else None
 
 
-def program_cost(hlo_text: str, work: Work | None, chip: Chip | None, devices: int) -> dict:
-  """The `cost` entry of one compiled program (per device)."""
+def program_cost(hlo_text: str, work: Work | None, chip: Chip | None, devices: int, tensor: int = 1) -> dict:
+  """The `cost` entry of one compiled program (per device: the work split over `devices`, each reading its
+  shard of the weights over `tensor`)."""
   live = work.context if work is not None and work.kind == "decode" else None
   counted = count_hlo(hlo_text, live_context=live)
-  want = useful(work) if work is not None else {"flops": 0.0, "hbm_bytes": 0.0, "remat_flops": 0.0}
-  u_flops, u_bytes, remat = (want[k] / devices for k in ("flops", "hbm_bytes", "remat_flops"))
+  want = useful(work) if work is not None else {"flops": 0.0, "hbm_bytes": 0.0, "weight_bytes": 0.0,
+                                                "remat_flops": 0.0}
+  u_flops, remat = want["flops"] / devices, want["remat_flops"] / devices
+  u_bytes = want["weight_bytes"] / tensor + want["hbm_bytes"] / devices
   seconds = max(counted.flops / chip.peak_flops, counted.hbm_bytes / chip.hbm_bandwidth) if chip else None
   return {"flops": counted.flops, "hbm_bytes": counted.hbm_bytes, "useful_flops": u_flops, "useful_hbm_bytes": u_bytes,
           "flops_ratio": _ratio(counted.flops, u_flops), "hbm_bytes_ratio": _ratio(counted.hbm_bytes, u_bytes),

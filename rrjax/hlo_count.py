@@ -352,42 +352,54 @@ class _Module:
 
   def _fusion_traffic(self, ins: _Instr, operands, outputs) -> float:
     inner = self.comps.get(self._called(ins, "calls"), [])
-    params = {}
-    users = collections.defaultdict(list)
-    for i in inner:
-      if i.opcode == "parameter":
-        params[int(i.args)] = i.name
-      for o in i.operands:
-        users[o].append(i)
+    params = {int(i.args): i.name for i in inner if i.opcode == "parameter"}
     total = 0.0
     in_place = set()
     root = inner[-1] if inner else None
     roots = [self.by_name.get(o) for o in root.operands] if root is not None and root.opcode == "tuple" else [root]
     written = 0.0
     for r, arrays in zip(roots, _split_outputs(outputs, len(roots))):
-      if r is not None and r.opcode == "dynamic-update-slice":
+      # an in-place update (a KV cache's new position): the buffer is neither read nor written whole
+      update_at = {"dynamic-update-slice": 1, "scatter": 2}.get(r.opcode if r is not None else None)
+      if update_at is not None and len(r.operands) > update_at:
         in_place.add(r.operands[0])
-        update = self.by_name.get(r.operands[1])
+        update = self.by_name.get(r.operands[update_at])
         written += _bytes([(t, d, h) for (t, _, h), (_, d, _) in zip(arrays, update.arrays())]) if update else 0
       else:
         written += _bytes(arrays)
     for idx, arrays in enumerate(operands):
       p = params.get(idx)
-      hbm = any(h for *_, h in arrays)
-      if not hbm:
+      if not any(h for *_, h in arrays) or p in in_place:
         continue
-      if p is None:
-        total += _bytes(arrays)
-        continue
-      if p in in_place:
-        continue
-      readers = _through_bitcasts(p, users)
-      if readers and all(u.opcode in ("dynamic-slice", "slice", "gather") and u.operands and
-                         u.operands[0] in _aliases(p, users) for u in readers):
-        total += sum(_bytes(u.arrays(), hbm_only=False) for u in readers)
-      else:
-        total += _bytes(arrays)
+      sliced = self._sliced_read(inner, p) if p is not None else None
+      total += _bytes(arrays) if sliced is None else sliced
     return total + written
+
+  def _sliced_read(self, inner: list[_Instr], param: str) -> float | None:
+    """Bytes a fused computation reads of its parameter `param` when it only slices it (a scanned layer's
+    weights: the layer's slice), through bitcasts and nested fusions; None when it reads it whole."""
+    users = collections.defaultdict(list)
+    for i in inner:
+      for o in i.operands:
+        users[o].append(i)
+    names = _aliases(param, users)
+    readers = _through_bitcasts(param, users)
+    if not readers:
+      return None
+    total = 0.0
+    for u in readers:
+      if u.opcode in ("dynamic-slice", "slice", "gather") and u.operands and u.operands[0] in names:
+        total += _bytes(u.arrays(), hbm_only=False)
+      elif u.opcode == "fusion":
+        nested = self.comps.get(self._called(u, "calls"), [])
+        nested_params = {int(i.args): i.name for i in nested if i.opcode == "parameter"}
+        reads = [self._sliced_read(nested, nested_params.get(k)) for k, o in enumerate(u.operands) if o in names]
+        if not reads or any(r is None for r in reads):
+          return None
+        total += sum(reads)
+      else:
+        return None
+    return total
 
 
 def _split_outputs(outputs, n):
