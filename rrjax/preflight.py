@@ -1,5 +1,5 @@
 """python -m rrjax.preflight --gin_file F [--gin_file F2] [--gin_param 'x.y = v']... --topology T [--hbm GiB]
-[--platform gpu|cpu] [--json] [--model ARCH [--dtype D] [--queries N] [--query-tokens N]]
+[--platform gpu|cpu] [--json] [--cost [--chip KIND] [--steps N]] [--model ARCH [--dtype D] [--queries N] [--query-tokens N]]
 
 Compiles, ahead of time and from abstract shapes only (no data files, no weights), every program that
 `python -m rrjax.train` with the same gin would run, for the devices of topology T, and reports per-device
@@ -28,7 +28,11 @@ beside the weights it exits 1 without compiling.
 Settings that depend on the platform follow the target, never the host that compiles. `--json` prints one
 JSON object as the last stdout line: {"topology", "device_kind", "platform", "devices", "mesh", "hbm_bytes",
 "programs": [{"name", "argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "total_bytes",
-"resident_bytes"}], "peak_bytes", "fits", "warnings"}. Exit 0 when it fits, 1 when it does not (one line on
+"resident_bytes"}], "peak_bytes", "fits", "warnings"}; with --cost each program also has "cost" (rrjax.cost:
+"flops", "hbm_bytes", "useful_flops", "useful_hbm_bytes", "flops_ratio", "hbm_bytes_ratio", "remat_flops",
+"roofline_seconds", "calls", "counted", per device) and the report "chip" and, for training, "step_seconds",
+"tokens_per_second", "mfu_ceiling", "run_steps", "run_hours", "chip_hours", for a rerank "window_seconds",
+"queries_per_second". Exit 0 when it fits, 1 when it does not (one line on
 stderr: which program, how much, over what budget), 2 on bad input.
 """
 
