@@ -1,5 +1,6 @@
 """python -m rrjax.preflight --gin_file F [--gin_file F2] [--gin_param 'x.y = v']... --topology T [--hbm GiB]
-[--platform gpu|cpu] [--json] [--cost [--chip KIND] [--steps N]] [--model ARCH [--dtype D] [--queries N] [--query-tokens N]]
+[--platform gpu|cpu] [--json] [--cost [--chip KIND] [--steps N]]
+[--model ARCH [--dtype D] [--queries N] [--query-tokens N]]
 
 Compiles, ahead of time and from abstract shapes only (no data files, no weights), every program that
 `python -m rrjax.train` with the same gin would run, for the devices of topology T, and reports per-device
