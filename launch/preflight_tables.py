@@ -28,11 +28,11 @@ BEGIN, END = "<!-- preflight:begin -->", "<!-- preflight:end -->"
 
 # (recipe gin files, extra bindings, topology, extra flags, what the row is)
 ROWS = [
-    (["configs/sft/reasonrank_7b.gin"], [], "cpu:8", ["--hbm", "80"], "the recipe: 8 x H100 80 GB"),
+    (["configs/sft/reasonrank_7b.gin"], [], "cpu:8", ["--hbm", "80", "--chip", "H100"], "the recipe: 8 x H100 80 GB"),
     (["configs/sft/reasonrank_7b.gin", "configs/mesh/tpu_pod.gin"], ["TrainConfig.grad_accum = 16"], "v5p:2x2x1", [],
      "TPU alternative: v5p-8 (4 chips), fsdp 4"),
     (["configs/sft/reasonrank_32b_lora.gin"], [], "v5p:2x2x2", [], "the recipe: v5p-16 (8 chips)"),
-    (["configs/grpo/reasonrank_7b.gin"], [], "cpu:8", ["--hbm", "80"], "the recipe: 8 x H100 80 GB"),
+    (["configs/grpo/reasonrank_7b.gin"], [], "cpu:8", ["--hbm", "80", "--chip", "H100"], "the recipe: 8 x H100 80 GB"),
     (["configs/grpo/reasonrank_32b_lora.gin"], [], "v5p:2x2x2", [], "the recipe: v5p-16 (8 chips)"),
     (["configs/sft/reasonrank_8b.gin"], [], "cpu:8", ["--hbm", "80"], "Qwen3-8B: 8 x H100 80 GB"),
     (["configs/grpo/reasonrank_8b.gin"], [], "cpu:8", ["--hbm", "141"], "Qwen3-8B: 8 x H200 141 GB"),
@@ -54,16 +54,16 @@ RERANK_ROWS = [
      "8B (Qwen3): one 80 GB GPU"),
     (["configs/rerank/reasonrank.gin"], [], "v5p:2x2x1", ["--model", "qwen2_5_32b"],
      "32B: v5p-8, default mesh"),
-    (["configs/rerank/reasonrank.gin"], [], "cpu:1", ["--model", "qwen2_5_7b", "--hbm", "80"],
+    (["configs/rerank/reasonrank.gin"], [], "cpu:1", ["--model", "qwen2_5_7b", "--hbm", "80", "--chip", "H100"],
      "7B: one 80 GB GPU"),
-    (["configs/rerank/reasonrank.gin"], [], "cpu:2", ["--model", "qwen2_5_32b", "--hbm", "80"],
+    (["configs/rerank/reasonrank.gin"], [], "cpu:2", ["--model", "qwen2_5_32b", "--hbm", "80", "--chip", "H100"],
      "32B: two 80 GB GPUs, default mesh"),
 ]
 RERANK_BEGIN, RERANK_END = "<!-- preflight-rerank:begin -->", "<!-- preflight-rerank:end -->"
 
 
 def preflight(files, params, topology, flags) -> tuple[dict | None, str, float]:
-  cmd = [sys.executable, "-m", "rrjax.preflight", "--topology", topology, "--json", *flags]
+  cmd = [sys.executable, "-m", "rrjax.preflight", "--topology", topology, "--json", "--cost", *flags]
   for f in files:
     cmd += ["--gin_file", f]
   for p in params:
@@ -84,32 +84,49 @@ def gib(n) -> str:
 
 def render(results) -> str:
   out = ["| recipe | topology | devices | mesh (data, fsdp, tensor) | program: total (+ resident) GiB | peak GiB | "
-         "HBM GiB | fits |", "|---|---|---|---|---|---|---|---|"]
+         "HBM GiB | fits | program: FLOPs / useful, HBM bytes / useful | roofline: s per step, tokens/s, MFU ceiling "
+         "| run: hours, chip-hours |", "|---|---|---|---|---|---|---|---|---|---|---|"]
   for (files, params, topology, _, what), (rep, reason, _) in results:
     recipe = " + ".join(f"`{Path(f).relative_to('configs') if f.startswith('configs/') else f}`" for f in files)
     if params:
       recipe += " with " + ", ".join(f"`{p}`" for p in params)
     if rep is None:
-      out.append(f"| {recipe} ({what}) | {topology} | | | failed: {reason} | | | |")
+      out.append(f"| {recipe} ({what}) | {topology} | | | failed: {reason} | | | | | | |")
       continue
     mesh = ", ".join(str(rep["mesh"][k]) for k in ("data", "fsdp", "tensor"))
     progs = "; ".join(f"{p['name']} {'refused' if 'error' in p else gib(p['total_bytes'])}"
                       + (f" (+{gib(p['resident_bytes'])})" if p["resident_bytes"] else "") for p in rep["programs"])
     kind = f"{rep['devices']} x {rep['device_kind']}" + (f" ({rep['platform']} settings)" if topology.startswith("cpu")
                                                          else "")
+    roof = (f"{num(rep.get('step_seconds'), '.3g')} s, {num(rep.get('tokens_per_second'), ',.0f')} tokens/s, "
+            f"{num(rep.get('mfu_ceiling'), '.2f')}")
+    run = f"{num(rep.get('run_hours'), '.1f')} h, {num(rep.get('chip_hours'), ',.0f')} chip-h" + (
+        f" ({rep['run_steps']} steps)" if rep.get("run_steps") else " (epochs: --steps)")
     out.append(f"| {recipe} ({what}) | `{topology}` | {kind} | ({mesh}) | {progs} | {gib(rep['peak_bytes'])} | "
-               f"{gib(rep['hbm_bytes'])} | {'yes' if rep['fits'] else 'no: ' + reason} |")
+               f"{gib(rep['hbm_bytes'])} | {'yes' if rep['fits'] else 'no: ' + reason} | {ratios(rep)} | {roof} | "
+               f"{run} |")
   return "\n".join(out)
+
+
+def num(x, fmt: str) -> str:
+  return "-" if x is None else format(x, fmt)
+
+
+def ratios(rep) -> str:
+  """Each program's compiled / useful FLOPs and HBM bytes (rrjax.cost), per device."""
+  return "; ".join(f"{p['name']} {num(p['cost']['flops_ratio'], '.2f')}, {num(p['cost']['hbm_bytes_ratio'], '.1f')}"
+                   for p in rep["programs"] if p.get("cost"))
 
 
 def render_rerank(results) -> str:
   out = ["| rerank config | model | topology | devices | mesh (data, fsdp, tensor) | engine | program: total GiB | "
-         "peak GiB | HBM GiB | fits |", "|---|---|---|---|---|---|---|---|---|---|"]
+         "peak GiB | HBM GiB | fits | program: FLOPs / useful, HBM bytes / useful | roofline: s per window, "
+         "queries/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for (files, params, topology, flags, what), (rep, reason, _) in results:
     recipe = " + ".join(f"`{Path(f).relative_to('configs')}`" for f in files)
     model = flags[flags.index("--model") + 1]
     if rep is None or "rerank" not in rep:
-      out.append(f"| {recipe} ({what}) | {model} | `{topology}` | | | | {reason or 'failed'} | | | no |")
+      out.append(f"| {recipe} ({what}) | {model} | `{topology}` | | | | {reason or 'failed'} | | | no | | |")
       continue
     r = rep["rerank"]
     mesh = ", ".join(str(rep["mesh"][k]) for k in ("data", "fsdp", "tensor"))
@@ -123,7 +140,9 @@ def render_rerank(results) -> str:
     if r.get("hosts", 1) > 1:
       kind += f", one of {r['hosts']} hosts"
     out.append(f"| {recipe} ({what}) | {model} | `{topology}` | {kind} | ({mesh}) | {engine} | {progs} | "
-               f"{gib(rep['peak_bytes'])} | {gib(rep['hbm_bytes'])} | {'yes' if rep['fits'] else 'no: ' + reason} |")
+               f"{gib(rep['peak_bytes'])} | {gib(rep['hbm_bytes'])} | {'yes' if rep['fits'] else 'no: ' + reason} | "
+               f"{ratios(rep)} | {num(rep.get('window_seconds'), '.3g')} s, "
+               f"{num(rep.get('queries_per_second'), '.3g')} queries/s |")
   return "\n".join(out)
 
 

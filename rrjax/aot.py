@@ -36,6 +36,7 @@ class Program:
   args: tuple
   resident_bytes: int = 0
   attention: str | None = None  # the attention kernel its sequences resolve to on the target platform
+  work: Any = None  # rrjax.cost.Work: what it computes, for --cost's useful work
 
 
 @dataclasses.dataclass
@@ -48,6 +49,7 @@ class Measured:
   resident_bytes: int = 0
   error: str | None = None  # the compiler refused it (e.g. TPU CompileTimeHbmOom)
   compiled: Any = dataclasses.field(default=None, repr=False)
+  cost: dict | None = None  # rrjax.cost.program_cost, with --cost
 
   @property
   def total_bytes(self) -> int:
@@ -59,6 +61,8 @@ class Measured:
            "resident_bytes": self.resident_bytes}
     if self.error:
       out["error"] = self.error
+    if self.cost is not None:
+      out["cost"] = self.cost
     return out
 
 
@@ -158,12 +162,19 @@ def write(rep: dict, path) -> None:
 
 
 def measure(trainer, mesh, *, topology: str, platform: str, hbm_bytes: int | None,
-            compiler_options: dict | None = None, adopt: bool = False) -> dict:
+            compiler_options: dict | None = None, adopt: bool = False, chip=None, cost: bool = False,
+            steps: int | None = None) -> dict:
   """Compiles every program of `trainer` (bound to its layout) and returns the report. With `adopt`, the
-  trainer keeps the executables it can reuse (the run then compiles nothing twice)."""
+  trainer keeps the executables it can reuse (the run then compiles nothing twice). With `cost`, each program's
+  rrjax.cost entry and the step's roofline on `chip` (a rrjax.cost.Chip; None: no roofline) for a run of
+  `steps` steps (None: TrainConfig.num_steps)."""
   programs = trainer.programs()
   rep, measured = measure_programs(programs, mesh, topology=topology, platform=platform, hbm_bytes=hbm_bytes,
-                                   compiler_options=compiler_options)
+                                   compiler_options=compiler_options, chip=chip, cost=cost)
+  if cost:
+    from rrjax import cost as cost_lib
+    rep.update(cost_lib.training_totals(rep, tokens_per_step=trainer.tokens_per_step(), chip=chip,
+                                        steps=steps or trainer.config.num_steps or None))
   if adopt:
     for p, m in zip(programs, measured):
       if m.compiled is not None:
@@ -172,10 +183,20 @@ def measure(trainer, mesh, *, topology: str, platform: str, hbm_bytes: int | Non
 
 
 def measure_programs(programs: Sequence[Program], mesh, *, topology: str, platform: str, hbm_bytes: int | None,
-                     compiler_options: dict | None = None, warnings: Sequence[str] = ()) -> tuple[dict, list]:
-  """(report, [Measured]) of compiling `programs` on `mesh`."""
+                     compiler_options: dict | None = None, warnings: Sequence[str] = (), chip=None,
+                     cost: bool = False) -> tuple[dict, list]:
+  """(report, [Measured]) of compiling `programs` on `mesh`; with `cost`, each program's rrjax.cost entry
+  (roofline on `chip` where one is given) and the report's "chip"."""
   measured = [compile_program(p, mesh, compiler_options) for p in programs]
   devices = list(np.asarray(mesh.devices).flat)
+  if cost:
+    from rrjax import cost as cost_lib
+    for p, m in zip(programs, measured):
+      if m.compiled is not None:
+        m.cost = cost_lib.program_cost(m.compiled.as_text(), p.work, chip, len(devices),
+                                       dict(zip(mesh.axis_names, mesh.axis_sizes)).get("tensor", 1))
   rep = report(measured, topology=topology, devices=devices, mesh=mesh, hbm_bytes=hbm_bytes, platform=platform,
                warnings=[*attention_warnings(programs, platform), *warnings])
+  if cost:
+    rep["chip"] = chip.to_json() if chip is not None else None
   return rep, measured

@@ -1,5 +1,6 @@
 """python -m rrjax.preflight --gin_file F [--gin_file F2] [--gin_param 'x.y = v']... --topology T [--hbm GiB]
-[--platform gpu|cpu] [--json] [--model ARCH [--dtype D] [--queries N] [--query-tokens N]]
+[--platform gpu|cpu] [--json] [--cost [--chip KIND] [--steps N]]
+[--model ARCH [--dtype D] [--queries N] [--query-tokens N]]
 
 Compiles, ahead of time and from abstract shapes only (no data files, no weights), every program that
 `python -m rrjax.train` with the same gin would run, for the devices of topology T, and reports per-device
@@ -28,7 +29,11 @@ beside the weights it exits 1 without compiling.
 Settings that depend on the platform follow the target, never the host that compiles. `--json` prints one
 JSON object as the last stdout line: {"topology", "device_kind", "platform", "devices", "mesh", "hbm_bytes",
 "programs": [{"name", "argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "total_bytes",
-"resident_bytes"}], "peak_bytes", "fits", "warnings"}. Exit 0 when it fits, 1 when it does not (one line on
+"resident_bytes"}], "peak_bytes", "fits", "warnings"}; with --cost each program also has "cost" (rrjax.cost:
+"flops", "hbm_bytes", "useful_flops", "useful_hbm_bytes", "flops_ratio", "hbm_bytes_ratio", "remat_flops",
+"roofline_seconds", "calls", "counted", per device) and the report "chip" and, for training, "step_seconds",
+"tokens_per_second", "mfu_ceiling", "run_steps", "run_hours", "chip_hours", for a rerank "window_seconds",
+"queries_per_second". Exit 0 when it fits, 1 when it does not (one line on
 stderr: which program, how much, over what budget), 2 on bad input.
 """
 
@@ -169,9 +174,11 @@ def _devices_and_budget(topology: str, hbm_gib: float | None, devices=None) -> t
 
 
 def run(gin_files, gin_params, topology: str, *, hbm_gib: float | None = None, platform: str | None = None,
-        devices=None) -> tuple[dict, str]:
+        devices=None, cost: bool = False, chip: str | None = None, steps: int | None = None) -> tuple[dict, str]:
   """Compiles the recipe's programs for `topology` and returns (report, where the architecture came from).
-  `devices` overrides the topology's devices (tests pass the host's CPU devices)."""
+  `devices` overrides the topology's devices (tests pass the host's CPU devices). With `cost`, each program's
+  compiled and useful work (rrjax.cost) and the step's roofline on `chip` (default: the topology's) for a
+  run of `steps` steps (default TrainConfig.num_steps)."""
   from rrjax import aot
   from rrjax import sharding as sharding_lib
   from rrjax.train import __main__ as entry
@@ -188,16 +195,25 @@ def run(gin_files, gin_params, topology: str, *, hbm_gib: float | None = None, p
                                                compile_only=True)
     lay = state_lib.layout(loop.model_constructor(config, model_cfg), trainer.tx, mesh)
     trainer.bind(lay)
-    rep = aot.measure(trainer, mesh, topology=topology, platform=platform, hbm_bytes=hbm)
+    rep = aot.measure(trainer, mesh, topology=topology, platform=platform, hbm_bytes=hbm, cost=cost,
+                      chip=_chip(chip, devices) if cost else None, steps=steps)
   return rep, source
+
+
+def _chip(kind: str | None, devices):
+  """The roofline's chip: `kind` from rrjax.cost.CHIPS, else the devices' own kind (none for CPU devices)."""
+  from rrjax import cost
+  return cost.chip(kind) if kind else cost.chip_for_device_kind(devices[0].device_kind)
 
 
 def run_rerank(gin_files, gin_params, topology: str, model: str, *, hbm_gib: float | None = None,
                platform: str | None = None, dtype: str | None = None, num_queries: int = 100,
-               query_tokens: int | None = None, devices=None) -> tuple[dict, str]:
+               query_tokens: int | None = None, devices=None, cost: bool = False,
+               chip: str | None = None) -> tuple[dict, str]:
   """Compiles the engine programs of a rerank (RerankSettings from the gin, architecture `model`: a preset,
   an HF config.json or directory, an rrjax run) for one host of `topology`: each host reranks its share of
-  the queries with the model on its own devices, so the mesh spans the first host's devices."""
+  the queries with the model on its own devices, so the mesh spans the first host's devices. With `cost`, each
+  program's compiled and useful work and the rerank's roofline on `chip` (default: the topology's)."""
   from rrjax import aot, hardware
   from rrjax import tokenizer as tokenizer_lib
   from rrjax.rerank import cli as rerank_cli
@@ -218,10 +234,47 @@ def run_rerank(gin_files, gin_params, topology: str, model: str, *, hbm_gib: flo
     programs, engine = rerank_preflight.programs(
         rerank_preflight.abstract_model(arch), settings, tokenizer, mesh, hbm_bytes=hbm, num_queries=num_queries,
         query_tokens=query_tokens or rerank_preflight.QUERY_TOKENS)
-    rep, _ = aot.measure_programs(programs, mesh, topology=topology, platform=platform, hbm_bytes=hbm)
+    if cost:
+      programs, windows = _rerank_work(programs, settings, engine, arch, num_queries)
+    rep, _ = aot.measure_programs(programs, mesh, topology=topology, platform=platform, hbm_bytes=hbm, cost=cost,
+                                  chip=_chip(chip, devices) if cost else None)
   rep["rerank"] = {"mode": settings.mode, "schedule": settings.schedule, "dtype": dtype, "queries": num_queries,
                    "hosts": len({d.process_index for d in devices}), **engine}
+  if cost:
+    from rrjax import cost as cost_lib
+    rep["rerank"]["windows"] = windows
+    rep.update(cost_lib.rerank_totals(rep, windows=windows, queries=num_queries))
   return rep, source
+
+
+def _rerank_work(programs, settings, engine: dict, arch, num_queries: int):
+  """(programs with their rrjax.cost.Work, windows) of reranking `num_queries` queries: every window (a Rank1
+  prompt) prefilled once in groups of the prefill program's size and decoded for max_new_tokens steps in the
+  decode program's slots (the longest outputs: an upper bound on the steps); a decode step attends to the
+  window's prompt and half its output (the mean over its steps)."""
+  import dataclasses
+
+  from rrjax import cost
+  from rrjax.ranking.window import sliding_windows
+
+  s = settings
+  if s.mode == "pointwise":
+    windows = num_queries * s.top_k
+  elif s.mode == "full":
+    windows = num_queries
+  else:
+    windows = num_queries * len(sliding_windows(s.top_k, s.window, s.stride))
+  out = []
+  for p in programs:
+    prefix = "score_" if p.name.startswith("score_") else ""
+    slots, group = engine[prefix + "slots"], engine[prefix + "prefill_group"]
+    new = 1 if prefix else s.max_new_tokens
+    prompt = engine["prompt_tokens"] + (s.max_new_tokens + 8 if prefix else 0)
+    calls = {"prefill": -(-windows // group), "insert": -(-windows // group),
+             "decode": -(-windows // slots) * new}[p.name[len(prefix):]]
+    work = cost.engine_work(p.name, p.args, arch, context=prompt + new // 2, new_tokens=new, calls=calls)
+    out.append(dataclasses.replace(p, work=work))
+  return out, windows
 
 
 def table(rep: dict) -> str:
@@ -262,6 +315,12 @@ def main(argv=None) -> int:
   p.add_argument("--hbm", type=float, default=None, help="per-device budget in GiB (cpu:N default 80)")
   p.add_argument("--platform", choices=("gpu", "cpu"), default=None, help="what cpu:N models (default gpu)")
   p.add_argument("--json", action="store_true", help="print the report as one JSON line last")
+  p.add_argument("--cost", action="store_true", help="also count each program's FLOPs and HBM bytes against the "
+                 "useful work, and a roofline time (rrjax.cost)")
+  p.add_argument("--chip", default=None, help="the chip kind of the roofline: v4, v5e, v5p, v6e, A100, H100, H200 "
+                 "(default: the topology's; cpu:N has none)")
+  p.add_argument("--steps", type=int, default=None, help="training steps of the run for --cost's hours (default "
+                 "TrainConfig.num_steps)")
   rr = p.add_argument_group("reranking (RerankSettings gin, e.g. configs/rerank/reasonrank_7b_v5e.gin)")
   rr.add_argument("--model", help="the architecture to rerank with: a preset (qwen2_5_7b), an HF config.json or "
                   "directory, or an rrjax run; selects the rerank preflight")
@@ -273,6 +332,9 @@ def main(argv=None) -> int:
   if not args.gin_file and not args.gin_param and not args.model:
     p.error("give at least one --gin_file (or --model ARCH for a rerank with upstream's settings)")
   kind, size = parse_topology(args.topology)
+  if args.chip:
+    from rrjax import cost
+    cost.chip(args.chip)  # an unknown kind fails before anything compiles
   if kind == "cpu":
     _cpu_flags(size)
   if args.model:
@@ -280,20 +342,24 @@ def main(argv=None) -> int:
     try:
       rep, source = run_rerank(args.gin_file, args.gin_param, args.topology, args.model, hbm_gib=args.hbm,
                                platform=args.platform, dtype=args.dtype, num_queries=args.queries,
-                               query_tokens=args.query_tokens)
+                               query_tokens=args.query_tokens, cost=args.cost, chip=args.chip)
     except DecodeMemoryError as e:  # not even one slot fits beside the weights: nothing to compile
       if args.json:
         print(json.dumps({"topology": args.topology, "fits": False, "error": str(e)}))
       print(f"rrjax.preflight: does not fit: {e}", file=sys.stderr)
       return 1
   else:
-    rep, source = run(args.gin_file, args.gin_param, args.topology, hbm_gib=args.hbm, platform=args.platform)
+    rep, source = run(args.gin_file, args.gin_param, args.topology, hbm_gib=args.hbm, platform=args.platform,
+                      cost=args.cost, chip=args.chip, steps=args.steps)
   mesh = " x ".join(f"{k}={v}" for k, v in rep["mesh"].items())
   print(f"rrjax.preflight: {', '.join(args.gin_file) or '--gin_param'} on {args.topology}: {rep['devices']} x "
         f"{rep['device_kind']} ({rep['platform']} settings), mesh {mesh}; {source}")
   if "rerank" in rep:
     print(engine_line(rep["rerank"]))
   print(table(rep))
+  if args.cost:
+    from rrjax import cost
+    print(cost.table(rep))
   for warning in rep["warnings"]:
     print(f"rrjax.preflight: warning: {warning}", file=sys.stderr)
   if args.json:

@@ -103,6 +103,12 @@ def test_cpu_preflight_describes_what_the_run_compiles(tmp_path):
   config, _ = entry.run([TINY], params)
   ran = json.loads((Path(config.run_dir) / "preflight.json").read_text())
   assert ran["devices"] == 8 and ran["fits"]
+  # The run's cost entry (rrjax.cost): counted against useful work; CPU devices have no chip, so no roofline.
+  c = ran["programs"][0]["cost"]
+  for k in ("flops", "hbm_bytes", "useful_flops", "useful_hbm_bytes", "flops_ratio", "hbm_bytes_ratio"):
+    assert isinstance(c[k], float) and c[k] > 0, (k, c)
+  assert c["flops"] >= c["useful_flops"] and c["roofline_seconds"] is None and ran["chip"] is None
+  assert ran["step_seconds"] is None and "trip counts" in c["counted"]
   proc, rep = _preflight("--gin_file", TINY, *_gin(params), "--topology", "cpu:8", "--platform", "cpu", "--json")
   assert proc.returncode == 0, proc.stderr
   (a,), (b,) = ran["programs"], rep["programs"]

@@ -30,6 +30,7 @@ SLOT_KERNELS = ("xla", "cudnn", "ragged")
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 CHUNK_QUERIES = 512  # query block of "chunked"
 
+STAND_IN_SCOPE = "cudnn_stand_in"  # rrjax.cost reads it off the compiled ops' metadata
 _STAND_IN: contextvars.ContextVar[bool] = contextvars.ContextVar("rrjax_attention_stand_in", default=False)
 
 
@@ -86,10 +87,13 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: Mask, *, impl: str = "auto"):
   """Scaled dot-product attention with grouped kv heads; returns [B, T, N, H] in q's dtype."""
   impl = resolve(impl, q_BxTxNxH, mask)
   if impl == "cudnn" and _STAND_IN.get():
-    bias_Bx1xTxS = None
-    if not _cudnn_takes_lengths(mask):
-      bias_Bx1xTxS = jnp.where(mask.dense_BxTxS(), 0.0, _MASKED).astype(jnp.bfloat16)[:, None]
-    return _attend_chunked(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, bias_Bx1xTxS=bias_Bx1xTxS)
+    # The scope names the stand-in's ops in the compiled HLO, so that rrjax.cost counts cuDNN's causal work
+    # instead of the full blocks the stand-in computes.
+    with jax.named_scope(f"{STAND_IN_SCOPE}_T{q_BxTxNxH.shape[1]}_S{k_BxSxKxH.shape[1]}"):
+      bias_Bx1xTxS = None
+      if not _cudnn_takes_lengths(mask):
+        bias_Bx1xTxS = jnp.where(mask.dense_BxTxS(), 0.0, _MASKED).astype(jnp.bfloat16)[:, None]
+      return _attend_chunked(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, bias_Bx1xTxS=bias_Bx1xTxS)
   if impl == "xla":
     return _attend_xla(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask)
   if impl == "chunked":

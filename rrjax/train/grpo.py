@@ -16,6 +16,7 @@ laid out as verl's: the prompt left-padded to P slots, the response right-padded
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import jax
@@ -32,7 +33,7 @@ from rrjax.model import attention as attention_lib
 from rrjax.model.qwen2 import Qwen2Config
 from rrjax.ranking import reward as reward_lib
 from rrjax.train import logprobs, optim
-from rrjax import aot
+from rrjax import aot, cost
 from rrjax.train.config import GRPOConfig, TrainConfig
 from rrjax.train.state import TrainState, apply_gradients, micro_batches, scan_gradients, unmicro_batches
 
@@ -447,6 +448,7 @@ class GRPOTrainer:
     kernel = attention_lib.kernel_for(cfg.attention, P + R, cfg.dtype, cfg.head_dim)
     abstract_model = nnx.merge(lay.graphdef, lay.abstract.params, lay.abstract.frozen)
     out = []
+    lora = bool(cfg.lora.rank)
     for name, fn, args in decode.programs(
         abstract_model, self.config.batch_size, g.max_prompt_tokens, num_samples=g.rollouts_per_prompt,
         max_new_tokens=g.max_response_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
@@ -455,15 +457,31 @@ class GRPOTrainer:
       if name == "rollout_prefill":  # the prompt attends to itself; decode steps use the cache path
         prefill_kernel = attention_lib.kernel_for(cfg.attention, args[1].shape[1], cfg.dtype, cfg.head_dim)
       out.append(aot.Program(name, fn, args, state_bytes["opt_state"] + ref_bytes, prefill_kernel))
+    # Runs per step, at the recipe's longest responses: every prompt prefilled once (G per call), every rollout
+    # decoded R steps in slots of the decode program (a step's cost is one iteration of its loop).
+    shapes = {p.name: p.args for p in out}
+    group = shapes["rollout_prefill"][1].shape[0]
+    slots = int(shapes["rollout_decode"][2].lengths_B.shape[0])
+    prefills = -(-self.config.batch_size // group)
+    calls = {"rollout_prefill": prefills, "rollout_insert": prefills,
+             "rollout_decode": -(-self.n_rollouts // slots) * g.max_response_tokens}
+    out = [dataclasses.replace(p, work=cost.engine_work(p.name, p.args, cfg, context=P + R // 2,
+                                                        new_tokens=R, calls=calls[p.name])) for p in out]
     out.append(aot.Program(
         "logprob_pass", self._pass, (lay.abstract.params, lay.abstract.frozen, ref,
                                      self._abstract_batch(self.n_rollouts, P, R, update=False)),
-        state_bytes["opt_state"], kernel))
+        state_bytes["opt_state"], kernel,
+        cost.Work(cfg, "forward", self.n_rollouts, P + R, passes=2 if g.kl_coef > 0 else 1, logit_tokens=R)))
     mini = self.n_rollouts // g.updates_per_step
     out.append(aot.Program(
         "update", self._update, (lay.abstract, self._abstract_batch(mini, P, R, update=True)),
-        ref_bytes + aot.device_bytes(full), kernel))
+        ref_bytes + aot.device_bytes(full), kernel,
+        cost.Work(cfg, "train", mini, P + R, logit_tokens=R, frozen_base=lora, calls=g.updates_per_step)))
     return out
+
+  def tokens_per_step(self) -> int:
+    """Rollout positions (prompt + response) one step trains on, at the longest prompts and responses."""
+    return self.n_rollouts * (self.grpo.max_prompt_tokens + self.grpo.max_response_tokens)
 
   def adopt(self, program: aot.Program, compiled) -> None:
     """Keeps a preflight-compiled pass or update for its shapes, so the run does not compile it again."""

@@ -52,6 +52,8 @@ class Trainer(Protocol):
 
   def adopt(self, program: aot.Program, compiled) -> None: ...  # reuse a preflight compile
 
+  def tokens_per_step(self) -> int: ...  # positions one step trains on at the programs' shapes (rrjax.cost)
+
 
 def model_config(config: TrainConfig) -> Qwen2Config:
   """The architecture of `init_from` when given (with this run's dtype/kernel/remat policy), else config.model."""
@@ -189,8 +191,10 @@ def _preflight(trainer: Trainer, mesh: Mesh) -> dict:
   in one line; a run that cannot fit stops here. Returns the report (the run writes it as preflight.json)."""
   devices = list(mesh.devices.flat)
   platform = hardware.platform()
+  from rrjax import cost
   rep = aot.measure(trainer, mesh, topology=f"{platform}:{len(devices)}", platform=platform,
-                              hbm_bytes=hardware.device_memory_bytes(devices[0]), adopt=True)
+                    hbm_bytes=hardware.device_memory_bytes(devices[0]), adopt=True, cost=True,
+                    chip=cost.chip_for_device_kind(devices[0].device_kind))
   print(f"rrjax.train: preflight: {aot.summary(rep)}", flush=True)
   for warning in rep["warnings"]:
     log.warning("preflight: %s", warning)

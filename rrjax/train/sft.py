@@ -28,7 +28,7 @@ from rrjax.data import pipeline  # grain is imported only where a pipeline is bu
 from rrjax.model import attention as attention_lib
 from rrjax.model.qwen2 import Qwen2Config
 from rrjax.train import logprobs, optim
-from rrjax import aot
+from rrjax import aot, cost
 from rrjax.train.config import TrainConfig
 from rrjax.train.state import TrainState, apply_gradients, micro_batches, scan_gradients
 
@@ -194,8 +194,12 @@ class SFTTrainer:
     """The step at the largest batch the data can produce (every example on its own row)."""
     cfg, seq = self.model_cfg, self.config.sft_data.seq_len
     kernel = attention_lib.kernel_for(cfg.attention, seq, cfg.dtype, cfg.head_dim)
+    work = cost.Work(cfg, "train", self.config.batch_size, seq, frozen_base=bool(cfg.lora.rank))
     return [aot.Program("train_step", self._step, (self.lay.abstract, self._abstract_batch(
-        self.config.batch_size)), attention=kernel)]
+        self.config.batch_size)), attention=kernel, work=work)]
+
+  def tokens_per_step(self) -> int:
+    return self.config.batch_size * self.config.sft_data.seq_len
 
   def adopt(self, program: aot.Program, compiled) -> None:
     """Keeps a preflight-compiled step for its batch shape, so the run does not compile it again."""
