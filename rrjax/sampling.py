@@ -55,6 +55,16 @@ def request_keys(seed_B, request_B, index_B):
   return jax.vmap(one)(seed_B, request_B, index_B)
 
 
+def argmax(x_BxV):
+  """jnp.argmax over the last axis (first maximum; first NaN if any), int32, as two plain reductions: XLA:CPU
+  runs argmax's (value, index) reduction unvectorised, 2.2 ms for 8 rows of Qwen's 152k vocabulary against
+  0.7 ms this way, paid on every greedy decode step."""
+  V = x_BxV.shape[-1]
+  max_Bx1 = jnp.max(x_BxV, axis=-1, keepdims=True)
+  first_V = jnp.arange(V, dtype=jnp.int32)
+  return jnp.min(jnp.where((x_BxV == max_Bx1) | jnp.isnan(x_BxV), first_V, V), axis=-1)
+
+
 def select(logits_BxV, keys_B, *, temperature, top_p, banned_V=None, ban_B=None, greedy: bool,
            top_k: int = 0, nucleus: bool = False, min_p: float = 0.0):
   """Chooses one token per row; returns (tokens_B int32, logprobs_B float32).
@@ -83,7 +93,7 @@ def select(logits_BxV, keys_B, *, temperature, top_p, banned_V=None, ban_B=None,
     masked_BxV = jnp.where(masked_BxV < max_Bx1 + jnp.log(jnp.float32(min_p)), -jnp.inf, masked_BxV)
 
   if greedy:
-    tokens_B = jnp.argmax(masked_BxV, axis=-1).astype(jnp.int32)
+    tokens_B = argmax(masked_BxV)
   elif top_k or nucleus:
     k = min(top_k, masked_BxV.shape[-1]) if top_k else masked_BxV.shape[-1]
     vals_BxK, idx_BxK = jax.lax.top_k(masked_BxV, k)  # sorted, largest first
@@ -98,7 +108,7 @@ def select(logits_BxV, keys_B, *, temperature, top_p, banned_V=None, ban_B=None,
   else:
     tokens_B = jax.vmap(jax.random.categorical)(keys_B, masked_BxV).astype(jnp.int32)
   if not greedy:
-    tokens_B = jnp.where(row_greedy_B, jnp.argmax(masked_BxV, axis=-1).astype(jnp.int32), tokens_B)
+    tokens_B = jnp.where(row_greedy_B, argmax(masked_BxV), tokens_B)
 
   # log_softmax at one token, without writing a [B, V] log_softmax: one pass fewer over the vocabulary per step.
   chosen_B = jnp.take_along_axis(scaled_BxV, tokens_B[:, None], axis=-1)[:, 0]

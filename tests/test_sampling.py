@@ -99,3 +99,17 @@ def test_min_p_keeps_the_top_token_and_one_means_greedy():
   with pytest.raises(ValueError, match="min_p=1.5"):
     sampling.Sampling(1.0, min_p=1.5)
   assert sampling.Sampling(0.0, 20, 0.95, 0.3).static_key() == (True, 0, False, 0.0)  # greedy ignores filters
+
+
+def test_argmax_is_numpys_on_ties_infinities_and_nans():
+  x = np.random.default_rng(1).standard_normal((7, 1000)).astype(np.float32)
+  x[1, 5] = x[1, 7] = np.nan  # the first NaN, as jnp.argmax
+  x[2, :] = -np.inf
+  x[3, 3] = x[3, 9] = 100.0  # ties: the first
+  x[4, :] = np.inf
+  x[5, 4] = np.inf
+  x[6, -1] = 50.0  # the last id
+  got = np.asarray(sampling.argmax(jnp.asarray(x)))
+  assert got.dtype == np.int32
+  np.testing.assert_array_equal(got, [int(np.argmax(r)) for r in x])
+  np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))

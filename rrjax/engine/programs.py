@@ -109,6 +109,13 @@ class Spec:
   return_logits: bool = False
   cache_layout: str | None = None  # default: the kernel's (attention.slot_layout)
 
+  def __hash__(self):
+    # Hashed once: a spec keys every program lookup, and hashing its graphdef and config walks them (about
+    # 3 ms of host time in each generate call before this).
+    if "_hash" not in self.__dict__:
+      object.__setattr__(self, "_hash", hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self))))
+    return self.__dict__["_hash"]
+
   @property
   def layout(self) -> str:
     return self.cache_layout or attention_lib.slot_layout(self.kernel)
