@@ -48,23 +48,25 @@ def _train(workdir, run, **extra):
 
 def test_loss_falls_and_model_memorises(workdir):
   config, _ = _train(workdir, "memorise", **{
-      "TrainConfig.num_steps": 250, "OptimizerConfig.lr": 1e-2, "OptimizerConfig.warmup_ratio": 0.0,
+      "TrainConfig.num_steps": 400, "OptimizerConfig.lr": 1e-2, "OptimizerConfig.warmup_ratio": 0.0,
       "SFTDataConfig.packing": False, "CheckpointConfig.every_steps": 50})
   metrics = read_metrics(config.run_dir)
-  assert [m["step"] for m in metrics] == list(range(1, 251))
+  assert [m["step"] for m in metrics] == list(range(1, 401))
   assert metrics[-1]["loss"] < 0.1 * metrics[0]["loss"] and metrics[-1]["loss"] < 0.3
   run = Path(config.run_dir)
-  assert (run / "operative_config.gin").read_text().count("TrainConfig.num_steps = 250") == 1
+  assert (run / "operative_config.gin").read_text().count("TrainConfig.num_steps = 400") == 1
   assert (run / "curves.png").exists() and (run / "hf" / "config.json").exists()
   assert list((run / "tensorboard").iterdir())
-  # The exported model answers a training prompt with its memorised response.
+  # The exported model answers every training prompt with its memorised response. (At lr 1e-2 the trajectory
+  # is chaotic: float-order changes in attention moved 250 steps' final loss from 0.012 to 0.042 and one row's
+  # digit; 400 steps end near 1e-3 either way.)
   model = rrjax.from_pretrained(run / "hf")
   tok = tokenizer_lib.load(run / "hf")
-  row = F.sft_rows()[3]
-  prompt = tok.apply_chat_template([{"role": "system", "content": row["system"]},
-                                    {"role": "user", "content": row["instruction"]}])
-  out = rrjax.generate(model, [tok.encode(prompt)], max_new_tokens=40, stop_ids=tok.stop_ids)
-  assert tok.decode(out.tokens[0], skip_special_tokens=True).strip() == row["output"]
+  rows = F.sft_rows()
+  prompts = [tok.encode(tok.apply_chat_template([{"role": "system", "content": row["system"]},
+                                                 {"role": "user", "content": row["instruction"]}])) for row in rows]
+  out = rrjax.generate(model, prompts, max_new_tokens=40, stop_ids=tok.stop_ids)
+  assert [tok.decode(t, skip_special_tokens=True).strip() for t in out.tokens] == [row["output"] for row in rows]
 
 
 def _random_batch(rng, B, T, vocab):
