@@ -94,7 +94,8 @@ def main(argv=None):
         f"({config.param_count() / 1e6:.1f}M params, {c.num_layers} layers, {dtype}); "
         f"batch {B}, prompt {P}, new tokens {N}")
   print(f"rrjax  compile+first run {compile_s:.2f} s; prefill+1 token {ours_one * 1e3:.1f} ms; "
-        f"decode {ours_step * 1e3:.2f} ms/step = {B / ours_step:,.0f} tokens/s; host overhead {overhead * 1e3:.1f} ms/call")
+        f"decode {ours_step * 1e3:.2f} ms/step = {B / ours_step:,.0f} tokens/s; "
+        f"host overhead {overhead * 1e3:.1f} ms/call")
   if not args.no_hf:
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     ref = ref.to(device=peer.device(), dtype=torch_dtype)
