@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 from typing import NamedTuple
 
 import jax
@@ -158,20 +157,17 @@ def zeros_state(spec: Spec) -> SlotState:
   return _zeros_program(spec, "state")()
 
 
-@functools.lru_cache(maxsize=64)
 def _zeros_program(spec: Spec, what: str):
-  # Kept per spec: a fresh jit of a fresh function is a compile, which was most of a short generate call.
+  # Kept with the spec's other programs: a fresh jit of a fresh function is a compile, which was most of a
+  # short generate call.
   if what == "cache":
     make = lambda: SlotCache.zeros(spec.config, spec.slots, spec.length, spec.cache_dtype, spec.layout)
     out = None if spec.mesh is None else cache_shardings(spec)
   else:
     make = lambda: SlotState.zeros(spec.slots, spec.stop_slots, spec.config.vocab_size)
     out = None if spec.mesh is None else _replicated(spec.mesh)
-  jitted = jax.jit(make) if out is None else jax.jit(make, out_shardings=out)
-  if spec.mesh is None:
-    return jitted.lower().compile()
-  with jax.set_mesh(spec.mesh):
-    return jitted.lower().compile()
+  programs = Programs(spec)
+  return programs._get(("zeros", what), lambda: programs._compile((make, (), (), out)))
 
 
 # ---------------------------------------------------------------- sampling
