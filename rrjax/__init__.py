@@ -14,6 +14,7 @@ _LAZY = {
     "save_pretrained": "rrjax.model.hf",
     "generate": "rrjax.decode",
     "Generation": "rrjax.decode",
+    "EngineConfig": "rrjax.engine.config",
 }
 
 __all__ = sorted(_LAZY)

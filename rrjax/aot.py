@@ -168,7 +168,7 @@ def measure(trainer, mesh, *, topology: str, platform: str, hbm_bytes: int | Non
   trainer keeps the executables it can reuse (the run then compiles nothing twice). With `cost`, each program's
   rrjax.cost entry and the step's roofline on `chip` (a rrjax.cost.Chip; None: no roofline) for a run of
   `steps` steps (None: TrainConfig.num_steps)."""
-  programs = trainer.programs()
+  programs = trainer.programs(hbm_bytes)
   rep, measured = measure_programs(programs, mesh, topology=topology, platform=platform, hbm_bytes=hbm_bytes,
                                    compiler_options=compiler_options, chip=chip, cost=cost)
   if cost:

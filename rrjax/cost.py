@@ -163,7 +163,7 @@ def engine_work(name: str, args: tuple, config, *, context: int, new_tokens: int
     G, P = args[1].shape
     return Work(config, "prefill", G, P, logit_tokens=1, calls=calls)
   if name.endswith("insert"):  # samples first tokens into slots: no matmul, a few small arrays
-    return Work(config, "insert", int(args[2].shape[0]), 0, calls=calls)
+    return Work(config, "insert", int(args[2].src_n.shape[0]), 0, calls=calls)
   if name.endswith("decode"):
     return Work(config, "decode", int(args[2].lengths_B.shape[0]), 1, context=context, logit_tokens=1, calls=calls)
   return None

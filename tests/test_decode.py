@@ -60,7 +60,7 @@ def test_greedy_matches_transformers_generate(models):
 def test_step_logits_and_logprobs_match_full_forward(models, temperature):
   ref, model = models
   out = decode.generate(model, PROMPTS, max_new_tokens=12, stop_ids=NO_STOP, temperature=temperature, seed=3,
-                        return_logits=True)
+                        engine=decode.EngineConfig(return_logits=True))
   for prompt, tokens, logprobs, logits in zip(PROMPTS, out.tokens, out.logprobs, out.logits):
     full = _full_logits(ref, prompt, tokens)
     np.testing.assert_allclose(logits, full, atol=TOL)
@@ -99,7 +99,7 @@ def test_sampling_filters_seeds_and_chunking(models):
   sampled = run()
   assert sampled == run() and sampled != run(seed=2) and sampled != greedy
   # A row's random stream depends on (seed, row, step), not on how rows are batched.
-  assert run(batch_size=2) == sampled
+  assert run(engine=decode.EngineConfig(slots=2)) == sampled
 
 
 def _first_token_frequencies(model, ref, n, **kw):
@@ -144,7 +144,8 @@ def test_bucketing_compiles_once_per_bucket(models):
   buckets = decode.Buckets(min_batch=4, min_prompt=16, min_new_tokens=8)
   assert (buckets.batch(3), buckets.prompt(12), buckets.prompt(17), buckets.prompt(25)) == (4, 16, 24, 32)
   assert buckets.batch(3, multiple=4) == 4 and buckets.batch(5, multiple=4) == 8
-  run = lambda prompts, n: decode.generate(model, prompts, max_new_tokens=n, stop_ids=[96], buckets=buckets)
+  run = lambda prompts, n: decode.generate(model, prompts, max_new_tokens=n, stop_ids=[96],
+                                                  engine=decode.EngineConfig(buckets=buckets))
   run([[1] * 5, [2] * 9, [3] * 12], 6)
   before = decode.compilation_count()
   run([[4] * 16, [5] * 3], 8)
@@ -160,7 +161,8 @@ def test_second_call_compiles_and_plans_nothing(models):
   _, model = models
   compiles = []
   listener = lambda name, secs, **kw: compiles.append(name) if name == COMPILE_EVENT else None
-  run = lambda: decode.generate(model, [[1] * 7, [2] * 3, [5] * 11], max_new_tokens=6, stop_ids=[96], batch_size=2)
+  two = decode.EngineConfig(slots=2)
+  run = lambda: decode.generate(model, [[1] * 7, [2] * 3, [5] * 11], max_new_tokens=6, stop_ids=[96], engine=two)
   first = run()
   plans = decode.plans_made()
   jax.monitoring.register_event_duration_secs_listener(listener)
@@ -170,7 +172,7 @@ def test_second_call_compiles_and_plans_nothing(models):
     jax.monitoring.unregister_event_duration_listener(listener)
   assert compiles == [] and decode.plans_made() == plans
   assert second.tokens == first.tokens
-  decode.generate(model, [[1] * 7], max_new_tokens=40, stop_ids=[96], batch_size=2)  # a new shape plans anew
+  decode.generate(model, [[1] * 7], max_new_tokens=40, stop_ids=[96], engine=two)  # a new shape plans anew
   assert decode.plans_made() == plans + 1
 
 
@@ -185,8 +187,8 @@ def test_sharded_matches_single_device(models):
     for a, b in zip(multi.logprobs, single.logprobs):
       np.testing.assert_allclose(a, b, atol=TOL)
   # Batch over data x fsdp (4), kv heads over tensor (2): each device holds 1/8 of the keys/values.
-  whole = decode.estimate_memory(model, 8, 64, 32)
-  split = decode.estimate_memory(sharded, 8, 64, 32, mesh=mesh)
+  shape = dict(slots=8, length=96, prefill_rows=8, prompt_len=64, cache_dtype="float32")
+  whole, split = engine_memory.estimate(model, **shape), engine_memory.estimate(sharded, mesh=mesh, **shape)
   kv = 2 * CONFIG.num_layers * 8 * 96 * CONFIG.num_kv_heads * CONFIG.head_dim * 4
   # Besides keys/values, each slot keeps a few int32 words (length, next token, budgets, ...) and its stop ids,
   # replicated (the engine's slots need no per-position segment ids: right padding and lengths mask).
@@ -198,18 +200,20 @@ def test_sharded_matches_single_device(models):
 def test_memory_check_reports_need_and_batch_size(models):
   _, model = models
   prompts = [[1, 2, 3]] * 16
-  est16 = decode.estimate_memory(model, 16, 64, 32)
-  est4 = decode.estimate_memory(model, 4, 64, 32)
+  est = lambda b: engine_memory.estimate(model, slots=b, length=96, prefill_rows=b, prompt_len=64,
+                                         cache_dtype="float32", steps=32)
+  est16, est4 = est(16), est(4)
   limit = (est4.total + est16.total) // 2 if est4.total < est16.total // 2 else est4.total
   assert est4.total <= limit < est16.total
-  with pytest.raises(decode.DecodeMemoryError, match=r"needs .* GiB per device.*batch_size=(4|8)") as e:
-    decode.generate(model, prompts, max_new_tokens=4, stop_ids=NO_STOP, memory_limit_bytes=limit)
+  run = lambda **kw: decode.generate(model, prompts, max_new_tokens=4, stop_ids=NO_STOP, **kw)
+  with pytest.raises(decode.DecodeMemoryError, match=r"16 slots .* need .* GiB per device.*batch_size=(4|8)") as e:
+    run(memory_limit_bytes=limit, engine=decode.EngineConfig(slots=16))
   assert isinstance(e.value, ValueError)
-  with pytest.raises(decode.DecodeMemoryError, match="even the smallest batch"):
-    decode.generate(model, prompts, max_new_tokens=4, stop_ids=NO_STOP, memory_limit_bytes=1000)
-  out = decode.generate(model, prompts, max_new_tokens=4, stop_ids=NO_STOP, memory_limit_bytes=limit,
-                        batch_size=4)
-  assert out.lengths == [4] * 16
+  with pytest.raises(decode.DecodeMemoryError, match="does not fit even at 1 slot"):
+    run(memory_limit_bytes=1000)
+  for out in (run(memory_limit_bytes=limit, engine=decode.EngineConfig(slots=4)), run(memory_limit_bytes=limit)):
+    # Unset slots: the most that fit (with a smaller prefill group, 16 may).
+    assert out.lengths == [4] * 16 and out.engine["slots"] >= 4 and out.engine["estimate_bytes"] <= limit
 
 
 def test_input_validation(models):
@@ -227,8 +231,9 @@ def test_samples_of_one_prefill_equal_repeated_prompts(models):
   """num_samples=G: one prefill per prompt into G slots, the same streams as the prompt list repeated G times."""
   _, model = models
   kw = dict(max_new_tokens=10, stop_ids=[7], temperature=1.0, top_k=20, seed=9)
-  shared = decode.generate(model, PROMPTS[:3], num_samples=4, batch_size=8, **kw)
-  repeated = decode.generate(model, [p for p in PROMPTS[:3] for _ in range(4)], batch_size=8, **kw)
+  eight = decode.EngineConfig(slots=8)
+  shared = decode.generate(model, PROMPTS[:3], num_samples=4, engine=eight, **kw)
+  repeated = decode.generate(model, [p for p in PROMPTS[:3] for _ in range(4)], engine=eight, **kw)
   assert shared.tokens == repeated.tokens and shared.finish_reasons == repeated.finish_reasons
   assert shared.engine["prefill_rows"] < repeated.engine["prefill_rows"] == 12
   assert len({tuple(t) for t in shared.tokens[:4]}) > 1  # the samples of one prompt differ
@@ -251,9 +256,10 @@ def test_ahead_of_time_prefill_is_the_engines_largest(models, monkeypatch):
 
   monkeypatch.setattr(Programs, "prefill", spy)
   prompts = [list(range(3, 3 + n)) for n in (5, 9, 4, 12, 7, 6)]
-  decode.generate(model, prompts, max_new_tokens=[2, 5, 3, 8, 4, 6], num_samples=4, batch_size=8, stop_ids=NO_STOP)
+  decode.generate(model, prompts, max_new_tokens=[2, 5, 3, 8, 4, 6], num_samples=4,
+                  engine=decode.EngineConfig(slots=8), stop_ids=NO_STOP)
   built = {name: args for name, _, args in decode.programs(model, len(prompts), 12, max_new_tokens=8, num_samples=4,
-                                                         batch_size=8)}
+                                                         engine=decode.EngineConfig(slots=8))}
   rows, P = built["rollout_prefill"][1].shape
   assert max(r for r, _ in seen) <= rows <= 4 and P >= 12  # 8 slots: at most 1 + ceil(7 / 4) prompts at a time
   assert {c for _, c in seen} == {built["rollout_prefill"][3].shape[1]} == {4}

@@ -2,6 +2,8 @@
 sampled), whatever the slot count, arrival order, neighbours or mesh; early exit; a bounded program set;
 the paged (TPU) layout and kernel wiring; ahead-of-time TPU compiles; the memory plan."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -52,7 +54,7 @@ def _by_id(results):
 @pytest.mark.parametrize("slots", [1, 2, 3, 8])
 def test_greedy_equals_single_prompt_generation(model, alone, slots):
   order = np.random.default_rng(slots).permutation(len(PROMPTS))
-  eng = engine.Engine(model, slots=slots, max_length=LENGTH, steps_per_call=5)
+  eng = engine.Engine(model, engine.EngineConfig(slots=slots, length=LENGTH, steps_per_call=5))
   got = _by_id(eng.run(_requests(order)))
   for i, single in enumerate(alone):
     assert got[i].tokens == single.tokens[0], i
@@ -68,9 +70,9 @@ def test_greedy_equals_single_prompt_generation(model, alone, slots):
 def test_refilled_slot_leaks_no_stale_keys(model):
   long = engine.Request(RNG.integers(0, 97, 60).tolist(), 30, id=0, priority=0)
   short = engine.Request([7, 3, 5], 20, id=1, priority=1)
-  used = engine.Engine(model, slots=1, max_length=LENGTH, return_logits=True)
+  used = engine.Engine(model, engine.EngineConfig(slots=1, length=LENGTH, return_logits=True))
   after_long = used.run([long, short])[1]
-  fresh = engine.Engine(model, slots=1, max_length=LENGTH, return_logits=True).run([short])[0]
+  fresh = engine.Engine(model, engine.EngineConfig(slots=1, length=LENGTH, return_logits=True)).run([short])[0]
   assert after_long.tokens == fresh.tokens
   np.testing.assert_array_equal(after_long.logits, fresh.logits)
   np.testing.assert_array_equal(after_long.logprobs, fresh.logprobs)
@@ -81,7 +83,7 @@ def test_sampled_tokens_do_not_depend_on_slots_or_order(model, alone):
   mode = Sampling(1.0, 20, 0.9)
   runs = []
   for slots, order in ((1, range(10)), (3, range(9, -1, -1)), (3, np.random.default_rng(1).permutation(10))):
-    eng = engine.Engine(model, slots=slots, max_length=LENGTH, sampling=mode, steps_per_call=4)
+    eng = engine.Engine(model, engine.EngineConfig(slots=slots, length=LENGTH, sampling=mode, steps_per_call=4))
     got = _by_id(eng.run(_requests(order, **kw)))
     runs.append([got[i].tokens for i in range(10)])
   assert runs[0] == runs[1] == runs[2]
@@ -93,17 +95,18 @@ def test_sampled_tokens_do_not_depend_on_slots_or_order(model, alone):
 def test_copies_share_one_prefill(model):
   mode = Sampling(1.0)
   prompt = PROMPTS[2]
-  separate = engine.Engine(model, slots=4, max_length=LENGTH, sampling=mode)
+  separate = engine.Engine(model, engine.EngineConfig(slots=4, length=LENGTH, sampling=mode))
   want = [r.tokens for r in separate.run([engine.Request(prompt, 15, temperature=1.0, id=10 + j) for j in range(6)])]
   assert separate.stats.prefill_rows == 6
-  shared = engine.Engine(model, slots=4, max_length=LENGTH, sampling=mode)  # 6 copies over 4 slots: two rounds
+  # 6 copies over 4 slots: two rounds
+  shared = engine.Engine(model, engine.EngineConfig(slots=4, length=LENGTH, sampling=mode))
   got = shared.run([engine.Request(prompt, 15, temperature=1.0, id=10, copies=6)])
   assert [r.copy for r in got] == list(range(6)) and [r.tokens for r in got] == want
   assert shared.stats.prefill_rows == 2 and len({tuple(t) for t in want}) > 1
 
 
 def test_decode_returns_when_a_row_finishes_and_programs_stay_bounded(model):
-  eng = engine.Engine(model, slots=2, max_length=LENGTH, steps_per_call=50, leave_early=True)
+  eng = engine.Engine(model, engine.EngineConfig(slots=2, length=LENGTH, steps_per_call=50), leave_early=True)
   for r in (engine.Request(PROMPTS[0], 3, id=0), engine.Request(PROMPTS[2], 40, id=1)):
     eng.submit(r)
   first = eng.step()
@@ -122,13 +125,13 @@ def test_decode_returns_when_a_row_finishes_and_programs_stay_bounded(model):
   reqs = [engine.Request(rng.integers(0, 97, n).tolist(), int(rng.integers(1, 25)), stop_ids=STOP, id=i)
           for i, n in enumerate(lengths)]
   before = engine.compilation_count()
-  eng = engine.Engine(model, slots=4, max_length=LENGTH, buckets=buckets, steps_per_call=8)
+  eng = engine.Engine(model, engine.EngineConfig(slots=4, length=LENGTH, buckets=buckets, steps_per_call=8))
   out = eng.run(reqs)
   groups = 3  # prefill group sizes 1, 2, 4
   prompt_buckets = len({buckets.prompt(int(n)) for n in lengths})
   compiled = engine.compilation_count() - before
   assert 3 <= compiled <= 1 + groups + groups * prompt_buckets, (compiled, prompt_buckets)
-  again = engine.Engine(model, slots=4, max_length=LENGTH, buckets=buckets, steps_per_call=8)
+  again = engine.Engine(model, engine.EngineConfig(slots=4, length=LENGTH, buckets=buckets, steps_per_call=8))
   assert [r.tokens for r in again.run(reqs)] == [r.tokens for r in out]
   assert engine.compilation_count() - before == compiled
   assert 0.0 < eng.stats.occupancy <= 1.0
@@ -137,9 +140,10 @@ def test_decode_returns_when_a_row_finishes_and_programs_stay_bounded(model):
 def test_chunked_prefill_and_paged_layout_match(model):
   long = [RNG.integers(0, 97, n).tolist() for n in (600, 300, 520)]
   reqs = [engine.Request(p, 6, id=i) for i, p in enumerate(long)]
-  whole = engine.Engine(model, slots=2, max_length=800, return_logits=True).run(reqs)
-  chunked = engine.Engine(model, slots=2, max_length=800, return_logits=True, prefill_chunk=256).run(reqs)
-  paged = engine.Engine(model, slots=2, max_length=800, return_logits=True, cache_layout="paged").run(reqs)
+  config = engine.EngineConfig(slots=2, length=800, return_logits=True)
+  whole = engine.Engine(model, config).run(reqs)
+  chunked = engine.Engine(model, dataclasses.replace(config, prefill_chunk=256)).run(reqs)
+  paged = engine.Engine(model, dataclasses.replace(config, cache_layout="paged")).run(reqs)
   for a, b, c in zip(whole, chunked, paged):
     assert a.tokens == b.tokens == c.tokens
     np.testing.assert_allclose(b.logits, a.logits, atol=1e-4)
@@ -170,8 +174,8 @@ def test_sharded_engine_matches_single_device(ref, model):
   sharded = hf_reference.rrjax_twin(ref, CONFIG, mesh=mesh)
   mode, kw = Sampling(1.0, 20), {"temperature": 1.0, "seed": 2}
   reqs = _requests(range(6), **kw) + [engine.Request(PROMPTS[4], 9, id=20, copies=3, **kw)]
-  single = engine.Engine(model, slots=4, max_length=LENGTH, sampling=mode).run(reqs)
-  multi = engine.Engine(sharded, slots=4, max_length=LENGTH, sampling=mode, mesh=mesh).run(reqs)
+  single = engine.Engine(model, engine.EngineConfig(slots=4, length=LENGTH, sampling=mode)).run(reqs)
+  multi = engine.Engine(sharded, engine.EngineConfig(slots=4, length=LENGTH, sampling=mode), mesh=mesh).run(reqs)
   assert [r.tokens for r in multi] == [r.tokens for r in single]
   for a, b in zip(multi, single):
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
@@ -209,7 +213,7 @@ def test_tpu_programs_compile_ahead_of_time():
     assert "tpu_custom_call" in compiled.as_text() or compiled is insert
 
 
-def test_memory_plan_fits_the_budget_and_bounds_the_programs(model):
+def test_memory_plan_fits_the_budget_and_bounds_the_programs(model, monkeypatch):
   """The plan takes as many slots and prefill rows as the budget holds, its estimate bounds what the
   compiled programs allocate, and what cannot fit at one slot is refused before anything is allocated."""
   from flax import nnx
@@ -218,23 +222,33 @@ def test_memory_plan_fits_the_budget_and_bounds_the_programs(model):
 
   big = Qwen2(Qwen2Config.tiny(vocab_size=512), rngs=nnx.Rngs(0))  # prefill attention dominates at 2k tokens
   P, N = 2048, 32
-  roomy = engine.plan(big, length=P + N, prompt_len=P, num_slots=40, memory_limit_bytes=8 * 2**30)
-  tight = engine.plan(big, length=P + N, prompt_len=P, num_slots=40, memory_limit_bytes=200 * 2**20)
-  assert roomy.slots == 64 and roomy.chunk is None and roomy.prefill_group > tight.prefill_group >= 1
+  want = engine.EngineConfig(length=P + N)
+  roomy = engine.plan(big, want, prompt_len=P, num_slots=40, memory_limit_bytes=8 * 2**30)
+  tight = engine.plan(big, want, prompt_len=P, num_slots=40, memory_limit_bytes=200 * 2**20)
+  assert roomy.slots == 64 and roomy.prefill_chunk is None and roomy.prefill_group > tight.prefill_group >= 1
+  # A tenth of the budget stays free (fragmentation, runtime buffers): the plan is made for the rest.
+  assert tight.estimate.limit == int(0.9 * 200 * 2**20) and tight.estimate.total <= tight.estimate.limit
   assert tight.estimate.total <= 200 * 2**20 < engine.estimate(
       big, slots=tight.slots, length=tight.length, prefill_rows=tight.prefill_group, prompt_len=P,
       cache_dtype="float32", memory_limit_bytes=1).total  # it fits only because it prefills in chunks
-  eng = engine.Engine(big, slots=tight.slots, max_length=tight.length, prefill_group=tight.prefill_group,
-                      prefill_chunk=tight.chunk)
-  prefill = eng.programs.prefill(eng.params, tight.prefill_group, P, chunk=tight.chunk)
+  eng = engine.Engine(big, tight)
+  prefill = eng.programs.prefill(eng.params, tight.prefill_group, P, chunk=tight.prefill_chunk)
   decode_program = eng.programs.decode(eng.params)
   for compiled in (prefill, decode_program):
     m = compiled.memory_analysis()
     assert m.argument_size_in_bytes + m.temp_size_in_bytes <= tight.estimate.total
+  # GRPO's rollouts (fixed slots, a budget less the resident state) prefill in chunks as the engine does.
+  seen = []
+  monkeypatch.setattr(programs.Programs, "jitted", lambda self, params, rows, prompt, copies=1, chunk=None:
+                      seen.append((self.spec.slots, rows, chunk)) or [])
+  decode.programs(big, 32, P, max_new_tokens=N, num_samples=2, engine=engine.EngineConfig(slots=tight.slots),
+                  memory_limit_bytes=200 * 2**20)
+  (slots, rows, chunk), = seen
+  assert slots == tight.slots and 1 <= rows <= tight.slots // 2 and chunk is not None
   with pytest.raises(memory.DecodeMemoryError, match=r"prompt 3 \(2000 tokens.*does not fit even at 1 slot"):
-    engine.plan(big, length=P + N, prompt_len=P, memory_limit_bytes=2 * 2**20, what="prompt 3 (2000 tokens, 32 new)")
+    engine.plan(big, want, prompt_len=P, memory_limit_bytes=2 * 2**20, what="prompt 3 (2000 tokens, 32 new)")
   with pytest.raises(ValueError, match=r"request 4: 90 prompt \+ 10 new tokens exceed the slot length 96"):
-    engine.Engine(model, slots=1, max_length=LENGTH).submit(engine.Request([1] * 90, 10, id=4))
+    engine.Engine(model, engine.EngineConfig(slots=1, length=LENGTH)).submit(engine.Request([1] * 90, 10, id=4))
 
 
 @pytest.mark.skipif(__import__("jax").default_backend() != "gpu", reason="cuDNN attention needs a GPU")
@@ -249,7 +263,7 @@ def test_cudnn_slot_attention_matches_xla_on_gpu():
   out = {}
   for kernel in ("cudnn", "xla"):
     model = Qwen2(config.replace(attention=kernel), rngs=nnx.Rngs(0))
-    eng = engine.Engine(model, slots=4, max_length=LENGTH, return_logits=True)
+    eng = engine.Engine(model, engine.EngineConfig(slots=4, length=LENGTH, return_logits=True))
     assert eng.spec.kernel == kernel
     out[kernel] = eng.run(reqs)
   for a, b in zip(out["cudnn"], out["xla"]):
@@ -271,7 +285,8 @@ def test_programs_hook_builds_the_engine_programs_ahead_of_time(ref):
     abstract = nnx.eval_shape(lambda: Qwen2(CONFIG, rngs=nnx.Rngs(0)))
   graphdef, params = sharding.abstract_state(abstract, mesh)
   model = nnx.merge(graphdef, params)
-  built = decode.programs(model, 6, 40, max_new_tokens=20, temperature=1.0, top_k=5, stop_ids=STOP, mesh=mesh)
+  built = decode.programs(model, 6, 40, max_new_tokens=20, engine=engine.EngineConfig(sampling=Sampling(1.0, 5)),
+                          stop_ids=STOP, mesh=mesh)
   assert [name for name, _, _ in built] == ["rollout_prefill", "rollout_insert", "rollout_decode"]
   assert built[0][2][1].shape == (8, 64)  # the prompt tokens: 6 prompts in 8 slots, 40 tokens in a bucket of 64
   for name, fn, args in built:

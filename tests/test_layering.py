@@ -1,5 +1,6 @@
-"""Imports flow one way: model <- engine <- decode <- ranking <- rerank, and model <- train; no cycles between rrjax's
-top-level modules and subpackages, counting imports inside functions (read from the source, not run)."""
+"""Imports flow one way: model <- engine <- decode <- rerank, ranking <- rerank, and model <- train; ranking (prompts,
+parser, windows, metrics, reward) knows nothing of models or engines; no cycles between rrjax's top-level modules
+and subpackages, counting imports inside functions (read from the source, not run)."""
 
 import ast
 import pathlib
@@ -98,7 +99,7 @@ def test_the_package_uses_its_modules_not_its_facade():
 
 
 @pytest.mark.parametrize("lower, upper", [
-    ("rrjax.model", "rrjax.engine"), ("rrjax.engine", "rrjax.decode"), ("rrjax.decode", "rrjax.ranking"),
+    ("rrjax.model", "rrjax.engine"), ("rrjax.engine", "rrjax.decode"), ("rrjax.decode", "rrjax.rerank"),
     ("rrjax.ranking", "rrjax.rerank"), ("rrjax.model", "rrjax.train")])
 def test_layers(graph, lower, upper):
   assert lower in _reach(graph, upper), f"{upper} is expected to build on {lower}"
@@ -110,6 +111,13 @@ def test_model_knows_nothing_of_ranking_data_training(graph):
   for name in ("rrjax.ranking", "rrjax.data", "rrjax.train", "rrjax.rerank", "rrjax.synth", "rrjax.decode",
                "rrjax.engine", "rrjax.checkpoints", "rrjax.demo"):
     assert name not in reached, f"rrjax.model reaches {name}"
+
+
+def test_ranking_knows_nothing_of_models_or_engines(graph):
+  """Ranking semantics are model-free: the backend that runs a model on the engine lives in rrjax.rerank."""
+  reached = _reach(graph, "rrjax.ranking")
+  for name in ("rrjax.model", "rrjax.engine", "rrjax.decode", "rrjax.rerank", "rrjax.checkpoints"):
+    assert name not in reached, f"rrjax.ranking reaches {name}"
 
 
 def test_reranking_needs_no_training_stack(graph):

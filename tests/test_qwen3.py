@@ -176,7 +176,7 @@ def test_sampling_with_min_p_is_reproducible_across_slot_counts():
   model = hf_reference.rrjax_twin(hf_reference.varied_model(config, seed=3), config)
   prompts = [[5, 17, 3, 88, 41], [7, 2, 9], [33], [60, 61]]
   kw = dict(max_new_tokens=12, stop_ids=(), temperature=0.6, top_k=20, top_p=0.95, min_p=0.05, seed=11)
-  runs = [decode.generate(model, prompts, batch_size=b, **kw).tokens for b in (1, 3, 4)]
+  runs = [decode.generate(model, prompts, engine=decode.EngineConfig(slots=b), **kw).tokens for b in (1, 3, 4)]
   assert runs[0] == runs[1] == runs[2]
   assert runs[0] != decode.generate(model, prompts, **{**kw, "seed": 12}).tokens
   assert runs[0] != decode.generate(model, prompts, max_new_tokens=12, stop_ids=()).tokens  # sampled, not greedy

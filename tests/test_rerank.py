@@ -18,7 +18,7 @@ from rrjax import rerank as rr
 from rrjax import tokenizer as tokenizer_lib
 from rrjax.data import trec
 from rrjax.data.inputs import load_inputs
-from rrjax.ranking.backend import ModelBackend
+from rrjax.rerank.backend import ModelBackend
 from rrjax.ranking import pointwise
 from rrjax.ranking import rerank_loop as loop
 

@@ -525,7 +525,7 @@ def test_local_teacher_decodes_and_parses(monkeypatch, tokenizer):
                   ["<think>[2] wins</think> <answer>[2] > [1]</answer><|im_end|>", "[1] > [2]"]])
   calls = []
 
-  def fake_generate(model, prompts, *, max_new_tokens, temperature, batch_size):
+  def fake_generate(model, prompts, *, max_new_tokens, temperature, engine):
     calls.append((len(prompts), max_new_tokens, temperature))
     texts = next(outputs)
     return rrjax.decode.Generation([tokenizer.encode(t) for t in texts], [[] for _ in texts], [0] * len(texts),

@@ -67,7 +67,8 @@ def main(argv=None):
   rng = np.random.default_rng(0)
   prompts = rng.integers(0, min(config.vocab_size, 150_000), (B, P)).tolist()
   buckets = decode.Buckets(min_new_tokens=N)  # the 1-token and N-token calls share their programs
-  run = lambda n: decode.generate(model, prompts, max_new_tokens=n, stop_ids=(), buckets=buckets)
+  run = lambda n: decode.generate(model, prompts, max_new_tokens=n, stop_ids=(),
+                                 engine=decode.EngineConfig(buckets=buckets))
 
   compile_s = _timed(lambda: run(N))
   ours_one = _best(lambda: run(1))
@@ -81,7 +82,7 @@ def main(argv=None):
 
   c = config
   weight_bytes = config.param_count() * jnp.dtype(c.param_dtype).itemsize
-  cache_dtype = decode.default_cache_dtype(c)
+  cache_dtype = engine.default_cache_dtype(c)
   kv_per_token = KVCache.nbytes(c, B, 1, cache_dtype)
   live = P + N / 2  # mean filled context over the decode
   step_bytes = weight_bytes + kv_per_token * live

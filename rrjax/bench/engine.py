@@ -98,9 +98,11 @@ def main(argv=None):
   prompts = rng.integers(0, min(config.vocab_size, 150_000), (N, P)).tolist()
   length = engine.bucket(P + C, 64)
 
+  shape = engine.EngineConfig(slots=B, length=length, steps_per_call=args.steps_per_call,
+                              prefill_group=args.prefill_group or 0)
+
   def make(**kw):
-    return engine.Engine(model, slots=B, max_length=length, steps_per_call=args.steps_per_call,
-                         prefill_group=args.prefill_group, **kw)
+    return engine.Engine(model, shape, **kw)
 
   def run_engine():
     eng = make()

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from rrjax import decode, hardware, sharding
+from rrjax.engine import config as engine_config
 from rrjax import tokenizer as tokenizer_lib
 from rrjax.data.rl import RLRow
 from rrjax.model.qwen2 import KVCache, Qwen2, Qwen2Config
@@ -79,7 +80,7 @@ def main(argv=None):
   c = model_cfg
   batch = args.prompts * args.rollouts
   weight_bytes = c.param_count() * 4
-  kv = KVCache.nbytes(c, batch, 1, decode.default_cache_dtype(c)) * (args.prompt_len + args.response / 2)
+  kv = KVCache.nbytes(c, batch, 1, engine_config.default_cache_dtype(c)) * (args.prompt_len + args.response / 2)
   bw, bw_source = hardware.peak_bandwidth()
   bound = batch * bw / (weight_bytes + kv)
   result = {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "model": c.name,

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
   for B in (int(x) for x in args.slots.split(",")):
     calls = args.repeats + 1
     length = engine.bucket(hi + calls * args.steps + 1, 64)
-    eng = engine.Engine(model, slots=B, max_length=length, steps_per_call=args.steps)
+    eng = engine.Engine(model, engine.EngineConfig(slots=B, length=length, steps_per_call=args.steps))
     lengths = np.random.default_rng(B).integers(lo, hi + 1, B).astype(np.int32)
     V, M = c.vocab_size, eng.spec.stop_slots
     ones = np.ones((B,), np.int32)
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
       t = time.perf_counter()
       out = decode(eng.params, eng.cache, eng.state, np.int32(args.steps), np.bool_(False))
       jax.block_until_ready(out)
-      eng.cache, eng.state = out[0], out[1]
+      eng.cache, eng.state = out.cache, out.state
       if call:  # the first call warms up
         times.append(time.perf_counter() - t)
     step_s = float(np.median(times)) / args.steps

@@ -1,6 +1,6 @@
 """The continuous-batching engine: a fixed number of decode slots, refilled from a queue as rows finish.
 
-    engine = Engine(model, slots=8, max_length=4096)
+    engine = Engine(model, EngineConfig(slots=8, length=4096))  # or one rrjax.engine.plan sizes to a budget
     results = engine.run([Request(prompt_ids, max_new_tokens=512, stop_ids=tok.stop_ids), ...])
 
 Each slot's cache is contiguous and filled from position 0, so a row's length is both its RoPE position and
@@ -20,18 +20,15 @@ import time
 from typing import Any, Iterable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from rrjax import hardware
 from rrjax import sharding as sharding_lib
 from rrjax.engine import memory
 from rrjax.engine import programs as programs_lib
-from rrjax.engine.programs import Buckets, Programs, Spec
-from rrjax.model import attention as attention_lib
-from rrjax.sampling import Sampling
+from rrjax.engine.config import EngineConfig, descending
+from rrjax.engine.programs import Inserted, Programs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,143 +97,37 @@ class _Live:
   logits: list | None
 
 
-@dataclasses.dataclass(frozen=True)
-class Plan:
-  """Slots, slot length, prefill group and chunk chosen for a memory budget, with their estimate."""
-
-  slots: int
-  length: int
-  prefill_group: int
-  chunk: int | None
-  estimate: memory.MemoryEstimate
-
-
-def _tensor(mesh: Mesh | None) -> int:
-  return 1 if mesh is None else dict(zip(mesh.axis_names, mesh.axis_sizes)).get("tensor", 1)
-
-
-def decode_kernel(config, cache_dtype: str, mesh: Mesh | None = None) -> str:
-  """The attention kernel of the decode program, for the platform programs are built for."""
-  return attention_lib.slot_kernel(config.attention, dtype=cache_dtype, num_heads=config.num_heads,
-                                   num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, tensor=_tensor(mesh))
-
-
-def default_cache_dtype(config) -> str:
-  """bf16 on accelerators; the model's compute dtype on CPU (where bf16 is slow and tests want f32)."""
-  return config.dtype if hardware.platform() == "cpu" else "bfloat16"
-
-
-def slot_length(length: int, kernel: str) -> int:
-  """`length` rounded up to whole pages where the kernel reads the cache as pages."""
-  return -(-length // 8) * 8 if attention_lib.slot_layout(kernel) == "paged" else length
-
-
-def plan(model, *, length: int, prompt_len: int, num_slots: int | None = None, mesh: Mesh | None = None,
-         slots: int | None = None, prefill_group: int | None = None, chunk: int | None = None,
-         cache_dtype: str | None = None, steps: int = 64, return_logits: bool = False, buckets: Buckets = Buckets(),
-         memory_limit_bytes: int | None = None, what: str = "a request") -> Plan:
-  """The engine shape for a budget (the device limit, or the host's memory on CPU): `slots` (default: the
-  most, up to `num_slots`, that fit), the prefill group (default: the most rows, up to the slots, that fit
-  beside them) and prefill chunks where a whole prompt's attention scores would not fit. Raises
-  DecodeMemoryError, naming `what` and the sizes, when even one slot does not fit."""
-  c = model.config
-  cache_dtype = str(jnp.dtype(cache_dtype or default_cache_dtype(c)))
-  length = slot_length(length, decode_kernel(c, cache_dtype, mesh))
-  multiple = memory.data_shards(mesh)
-  weights = memory.weight_bytes(model, mesh)
-  limit = memory_limit_bytes if memory_limit_bytes is not None else memory.budget(mesh, weights=weights)
-
-  def est(b, g, ch):
-    return memory.estimate(model, slots=b, length=length, prefill_rows=g, prompt_len=prompt_len, chunk=ch,
-                           cache_dtype=cache_dtype, mesh=mesh, steps=steps, return_logits=return_logits,
-                           memory_limit_bytes=limit, weights=weights)
-
-  def chunk_for(b, g):
-    if chunk is not None or est(b, g, None).fits:
-      return chunk, est(b, g, chunk).fits
-    size = memory.MIN_CHUNK
-    while size * 2 < prompt_len and est(b, g, size * 2).fits:
-      size *= 2
-    return (size, True) if size < prompt_len and est(b, g, size).fits else (None, False)
-
-  candidates = [slots] if slots else _descending(buckets, num_slots or 1, multiple)
-  for b in candidates:
-    groups = [prefill_group] if prefill_group else _descending(buckets, b, multiple)
-    for g in groups:
-      ch, ok = chunk_for(b, g)
-      if ok:
-        return Plan(b, length, g, ch, est(b, g, ch))
-  smallest = est(multiple, multiple, None)
-  at = "1 slot" if multiple == 1 else f"{multiple} slots (one per data shard)"
-  raise memory.DecodeMemoryError(
-      f"{what} ({prompt_len} prompt + {length - prompt_len} new-token positions, cache {cache_dtype}) does not fit "
-      f"even at {at}: needs {smallest.describe()}; use more devices (fsdp/tensor), a smaller cache_dtype, or "
-      "shorter prompts / fewer new tokens")
-
-
-def make_spec(graphdef, config, *, slots: int, max_length: int, mesh: Mesh | None = None,
-              sampling: Sampling = Sampling(), steps_per_call: int = 64, cache_dtype: str | None = None,
-              return_logits: bool = False, stop_slots: int = 8, cache_layout: str | None = None) -> Spec:
-  """The programs' shared shape of an engine with these settings (its slot length rounded to the kernel's pages)."""
-  cache_dtype = str(jnp.dtype(cache_dtype or default_cache_dtype(config)))
-  kernel = decode_kernel(config, cache_dtype, mesh)
-  length = slot_length(max_length, "ragged" if cache_layout == "paged" else kernel)
-  return Spec(graphdef, config, mesh, slots, length, cache_dtype, kernel, sampling.static_key(), stop_slots,
-              steps_per_call, return_logits, cache_layout)
-
-
-def abstract_programs(model, *, slots: int, max_length: int, prompt_len: int, prefill_group: int | None = None,
-                      prefill_chunk: int | None = None, copies: int = 1, mesh: Mesh | None = None,
-                      sampling: Sampling = Sampling(), steps_per_call: int = 64, cache_dtype: str | None = None,
-                      return_logits: bool = False, stop_slots: int = 8) -> list[tuple[str, Any, tuple]]:
-  """[(name, jitted program, abstract arguments)] of the prefill (`prefill_group` prompts of `prompt_len`
-  positions, each into `copies` slots), insert and decode that an `Engine` with these settings runs, for
-  ahead-of-time builds: `program.lower(*arguments).compile()` under the mesh, nothing allocated. `model` may
-  be abstract (nnx.eval_shape); its weights are placed as the Engine places them."""
+def abstract_programs(model, config: EngineConfig, *, prompt_len: int, mesh: Mesh | None = None, copies: int = 1
+                      ) -> list[tuple[str, Any, tuple]]:
+  """[(name, jitted program, abstract arguments)] of the prefill (`config.prefill_group` prompts of
+  `prompt_len` positions, each into `copies` slots), insert and decode that an `Engine` with this config runs,
+  for ahead-of-time builds: `program.lower(*arguments).compile()` under the mesh, nothing allocated. `model`
+  may be abstract (nnx.eval_shape); its weights are placed as the Engine places them."""
   graphdef, state = nnx.split(model)
   params = nnx.to_pure_dict(state)
   if mesh is not None:
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params,
                           sharding_lib.state_shardings(state, mesh))
-  spec = make_spec(graphdef, model.config, slots=slots, max_length=max_length, mesh=mesh, sampling=sampling,
-                   steps_per_call=steps_per_call, cache_dtype=cache_dtype, return_logits=return_logits,
-                   stop_slots=stop_slots)
-  P = min(prompt_len, spec.length)
-  chunk = prefill_chunk if prefill_chunk and prefill_chunk < P else None
-  return Programs(spec).jitted(params, prefill_group or slots, P, copies, chunk)
-
-
-def _descending(buckets: Buckets, n: int, multiple: int) -> list[int]:
-  """Bucket sizes from the one holding `n` down to `multiple`."""
-  top = buckets.batch(n, multiple)
-  sizes = [top]
-  while sizes[-1] > multiple:
-    sizes.append(max(multiple, (sizes[-1] // 2) // multiple * multiple))
-  return sizes
+  config = config.resolved(model.config, mesh)
+  P = min(prompt_len, config.length)
+  return Programs(config.spec(graphdef, model.config, mesh)).jitted(params, config.prefill_group, P, copies,
+                                                                     config.chunk_for(P))
 
 
 class Engine:
-  """Decode slots over one model (see the module docstring). `slots` x `max_length` positions of cache;
-  `sampling` fixes the programs' sampling structure (greedy, top-k, nucleus; requests bring temperature and
-  top-p values); `prefill_group` prompts at most per prefill, in `prefill_chunk`-token chunks if set;
-  `leave_early` (default: while requests wait) makes a decode call return at the first finished row;
-  `cache_layout` overrides the kernel's ("paged" or "split"). Not thread-safe."""
+  """Decode slots over one model (see the module docstring), shaped by `config` (an EngineConfig with its
+  slots set: rrjax.engine.plan makes one from a memory budget); `leave_early` (default: while requests wait)
+  makes a decode call return at the first finished row. Not thread-safe."""
 
-  def __init__(self, model, *, slots: int, max_length: int, mesh: Mesh | None = None,
-               sampling: Sampling = Sampling(), steps_per_call: int = 64, prefill_group: int | None = None,
-               prefill_chunk: int | None = None, buckets: Buckets = Buckets(), cache_dtype: str | None = None,
-               return_logits: bool = False, stop_slots: int = 8, leave_early: bool | None = None,
-               cache_layout: str | None = None):
-    c = model.config
-    self.config, self.mesh, self.buckets = c, mesh, buckets
+  def __init__(self, model, config: EngineConfig, mesh: Mesh | None = None, *, leave_early: bool | None = None):
+    if config.slots < 1 or config.length < 1:
+      raise ValueError(f"EngineConfig: slots={config.slots} and length={config.length} must be >= 1 (rrjax.engine.plan "
+                       "chooses them from a memory budget)")
+    self.model_config, self.mesh = model.config, mesh
+    self.config = config.resolved(model.config, mesh)
     graphdef, state = nnx.split(model)
-    self.spec = make_spec(graphdef, c, slots=slots, max_length=max_length, mesh=mesh, sampling=sampling,
-                          steps_per_call=steps_per_call, cache_dtype=cache_dtype, return_logits=return_logits,
-                          stop_slots=stop_slots, cache_layout=cache_layout)
-    self.cache_dtype = self.spec.cache_dtype
-    self.slots, self.length = slots, self.spec.length
-    self.prefill_group = prefill_group or slots
-    self.prefill_chunk = prefill_chunk
+    self.spec = self.config.spec(graphdef, model.config, mesh)
+    self.slots, self.length = self.config.slots, self.config.length
     self.leave_early = leave_early
     self.multiple = memory.data_shards(mesh)
     params = nnx.to_pure_dict(state)
@@ -246,7 +137,7 @@ class Engine:
     self.programs = Programs(self.spec)
     self.cache = programs_lib.zeros_cache(self.spec)
     self.state = programs_lib.zeros_state(self.spec)
-    self._live: list[_Live | None] = [None] * slots
+    self._live: list[_Live | None] = [None] * self.slots
     self._queue: list = []
     self._order = itertools.count()
     self.stats = Stats()
@@ -256,7 +147,7 @@ class Engine:
   def submit(self, request: Request) -> int:
     """Queues `request` (checked here: one line naming the request on bad input); returns its submission
     number (Result.seq)."""
-    r, c = request, self.config
+    r, c = request, self.model_config
     what = f"request {r.id}" + (f" ({str(r.tag)[:60]})" if r.tag is not None else "")
     if not len(r.prompt):
       raise ValueError(f"{what}: the prompt is empty")
@@ -312,8 +203,8 @@ class Engine:
   def _take(self, free: int) -> list[tuple[Request, int, int]]:
     """Requests (their next copies) for at most `free` slots from the queue's head: as many as the largest
     prefill bucket, up to `prefill_group`, that the queue fills (no padding rows but in the smallest)."""
-    rows = min(self.prefill_group, len(self._queue), free)
-    sizes = _descending(self.buckets, self.prefill_group, self.multiple)
+    rows = min(self.config.prefill_group, len(self._queue), free)
+    sizes = descending(self.config.buckets, self.config.prefill_group, self.multiple)
     rows = next((g for g in sizes if g <= rows), sizes[-1])
     group, used = [], 0
     while self._queue and len(group) < rows and used < free:
@@ -345,24 +236,18 @@ class Engine:
     return finished
 
   def _empty_logits(self):
-    return np.zeros((0, self.config.vocab_size), np.float32) if self.spec.return_logits else None
+    return np.zeros((0, self.model_config.vocab_size), np.float32) if self.spec.return_logits else None
 
   def _prefill_insert(self, group, dests) -> list[Result]:
-    s, c = self.spec, self.config
     t0 = time.perf_counter()
-    G = self.buckets.batch(len(group), self.multiple)
-    longest = max(len(g[0].prompt) for g in group)
-    P = min(self.buckets.prompt(longest), self.length)
+    buckets = self.config.buckets
+    G = buckets.batch(len(group), self.multiple)
+    P = min(buckets.prompt(max(len(g[0].prompt) for g in group)), self.length)
     C = programs_lib.bucket(max(g[3] for g in group), 1)
-    B, V, M = self.slots, c.vocab_size, s.stop_slots
     tokens = np.zeros((G, P), np.int32)
     lengths = np.ones((G,), np.int32)
-    dest = np.full((G, C), B, np.int32)
-    n = G * C
-    src, dest_n = np.zeros((n,), np.int32), np.full((n,), B, np.int32)
-    lengths_n, request_n, seed_n, budget_n, min_new_n = (np.zeros((n,), np.int32) for _ in range(5))
-    temperature_n, top_p_n = np.zeros((n,), np.float32), np.ones((n,), np.float32)
-    stops_n = np.full((n, M), V, np.int32)
+    dest = np.full((G, C), self.slots, np.int32)
+    new = Inserted.empty(G * C, self.spec)
     placed = []  # (request, seq, copy, slot, group row, flat index)
     it = iter(dests)
     for g, (r, seq, first, k) in enumerate(group):
@@ -371,22 +256,18 @@ class Engine:
       stops = sorted({int(x) for x in r.stop_ids})
       for j in range(k):
         slot, i = next(it), g * C + j
-        dest[g, j] = dest_n[i] = slot
-        src[i], lengths_n[i], request_n[i], seed_n[i] = g, len(r.prompt), r.id + first + j, r.seed
-        budget_n[i], min_new_n[i] = r.max_new_tokens, r.min_new_tokens
-        temperature_n[i], top_p_n[i] = r.temperature, r.top_p
-        stops_n[i, :len(stops)] = stops
+        dest[g, j] = new.dest_n[i] = slot
+        new.src_n[i], new.lengths_n[i], new.request_n[i], new.seed_n[i] = g, len(r.prompt), r.id + first + j, r.seed
+        new.budget_n[i], new.min_new_n[i] = r.max_new_tokens, r.min_new_tokens
+        new.temperature_n[i], new.top_p_n[i] = r.temperature, r.top_p
+        new.stops_nxM[i, :len(stops)] = stops
         placed.append((r, seq, first + j, slot, g, i))
-    chunk = self.prefill_chunk if self.prefill_chunk and self.prefill_chunk < P else None
-    prefill = self.programs.prefill(self.params, G, P, C, chunk)
-    insert = self.programs.insert(G, n)
-    put = self._put
-    self.cache, logits = prefill(self.params, self.cache, put(tokens), put(lengths), put(dest))
-    self.state, tok, lp, done = insert(self.state, logits, *map(put, (src, dest_n, lengths_n, request_n, seed_n,
-                                                                         temperature_n, top_p_n, budget_n, min_new_n,
-                                                                         stops_n)))
+    prefill = self.programs.prefill(self.params, G, P, C, self.config.chunk_for(P))
+    insert = self.programs.insert(G, G * C)
+    self.cache, logits = prefill(self.params, self.cache, *map(self._put, (tokens, lengths, dest)))
+    self.state, tok, lp, done = insert(self.state, logits, jax.tree.map(self._put, new))
     tok, lp, done = jax.device_get((tok, lp, done))
-    logits = np.asarray(jax.device_get(logits)) if s.return_logits else None
+    logits = np.asarray(jax.device_get(logits)) if self.spec.return_logits else None
     self.stats.prefill_calls += 1
     self.stats.prefill_rows += len(group)
     self.stats.prefill_tokens += sum(len(g[0].prompt) for g in group)
@@ -422,8 +303,9 @@ class Engine:
     leave = self.leave_early if self.leave_early is not None else bool(self._queue)
     decode = self.programs.decode(self.params)
     out = decode(self.params, self.cache, self.state, self._put(np.int32(limit)), self._put(np.bool_(leave)))
-    self.cache, self.state = out[0], out[1]
-    tokens, lps, logits, emitted, finished, stopped = jax.device_get(out[2:])
+    self.cache, self.state = out.cache, out.state
+    tokens, lps, logits, emitted, finished, stopped = jax.device_get(
+        (out.tokens_BxK, out.logprobs_BxK, out.logits_BxKxV, out.emitted_B, out.finished_B, out.stopped_B))
     steps = int(emitted.max()) if emitted.size else 0
     self.stats.decode_calls += 1
     self.stats.decode_steps += steps
@@ -454,9 +336,8 @@ class Engine:
     before = programs_lib.compilation_count()
     self.programs.decode(self.params)
     C = programs_lib.bucket(copies, 1)
-    for P in sorted({min(self.buckets.prompt(n), self.length) for n in prompt_lengths}):
-      chunk = self.prefill_chunk if self.prefill_chunk and self.prefill_chunk < P else None
-      for G in _descending(self.buckets, self.prefill_group, self.multiple):
-        self.programs.prefill(self.params, G, P, C, chunk)
+    for P in sorted({min(self.config.buckets.prompt(n), self.length) for n in prompt_lengths}):
+      for G in descending(self.config.buckets, self.config.prefill_group, self.multiple):
+        self.programs.prefill(self.params, G, P, C, self.config.chunk_for(P))
         self.programs.insert(G, G * C)
     return programs_lib.compilation_count() - before

@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -24,6 +25,7 @@ from rrjax.model import attention as attention_lib
 from rrjax.model.qwen2 import KVCache, Qwen2Config, SlotCache
 
 _TRACES: collections.Counter = collections.Counter()
+PREFILL_PHASES = 4  # loops of a chunked prefill, each with its own key length (see prefill_fn)
 
 
 def compilation_count() -> int:
@@ -211,10 +213,12 @@ def prefill_fn(spec: Spec, rows: int, prompt: int, copies: int, chunk: int | Non
       last_GxD = jnp.take_along_axis(hidden_GxPxD, (lengths_G - 1)[:, None, None], axis=1)[:, 0]
       k, v = prefix.k_LxBxSxKxH, prefix.v_LxBxSxKxH
     else:
-      # Long prompts in chunks: each chunk attends to the keys before it (XLA scores [G, N, chunk, P]).
-      padded = -(-P // chunk) * chunk
-      tokens = jnp.pad(tokens_GxP, ((0, 0), (0, padded - P)))
-      prefix = SlotCache.zeros(c, G, padded, spec.cache_dtype)
+      # Long prompts in chunks: each chunk attends to the keys before it (XLA scores [G, N, chunk, S]). The
+      # chunks run in PREFILL_PHASES loops whose key buffer S grows to the phase's last chunk, so attention
+      # reads and computes about (1 + 1 / phases) / 2 of the square rather than all of it.
+      n = -(-P // chunk)
+      tokens = jnp.pad(tokens_GxP, ((0, 0), (0, n * chunk - P)))
+      ends = sorted({-(-n * (j + 1) // PREFILL_PHASES) for j in range(PREFILL_PHASES)})
 
       def step(i, carry):
         prefix, last_GxD = carry
@@ -226,8 +230,12 @@ def prefill_fn(spec: Spec, rows: int, prompt: int, copies: int, chunk: int | Non
         row_GxD = jnp.take_along_axis(hidden_GxTxD, jnp.clip(at_G, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
         return prefix, jnp.where(here_G[:, None], row_GxD, last_GxD)
 
-      last = jnp.zeros((G, c.hidden_size), c.dtype)
-      prefix, last_GxD = jax.lax.fori_loop(0, padded // chunk, step, (prefix, last))
+      carry, start = (SlotCache.zeros(c, G, 0, spec.cache_dtype), jnp.zeros((G, c.hidden_size), c.dtype)), 0
+      for end in ends:
+        grow = ((0, 0), (0, 0), (0, (end - start) * chunk), (0, 0), (0, 0))
+        carry = jax.lax.fori_loop(start, end, step, (SlotCache(*(jnp.pad(x, grow) for x in carry[0])), carry[1]))
+        start = end
+      prefix, last_GxD = carry
       k, v = prefix.k[:, :, :P], prefix.v[:, :, :P]
     logits_GxV = model.logits(last_GxD[:, None])[:, 0]
     # Padding positions get zeros: finite values, whatever the kernel made of them.
@@ -249,70 +257,99 @@ def prefill_fn(spec: Spec, rows: int, prompt: int, copies: int, chunk: int | Non
   return prefill
 
 
+class Inserted(NamedTuple):
+  """The slots a prefilled group is inserted into, one entry per slot (n = G * C): which prompt row of the
+  group fills it, and the request's settings."""
+
+  src_n: jax.Array  # the prefill row (its logits sample the first token)
+  dest_n: jax.Array  # the slot (>= B: skipped)
+  lengths_n: jax.Array  # prompt length
+  request_n: jax.Array
+  seed_n: jax.Array
+  temperature_n: jax.Array
+  top_p_n: jax.Array
+  budget_n: jax.Array
+  min_new_n: jax.Array
+  stops_nxM: jax.Array
+
+  @classmethod
+  def empty(cls, n: int, spec: Spec) -> Inserted:
+    """Host buffers of n entries that insert nothing (slot B, stop ids V), for the engine to fill."""
+    i = lambda fill=0: np.full((n,), fill, np.int32)
+    return cls(i(), i(spec.slots), i(), i(), i(), np.zeros((n,), np.float32), np.ones((n,), np.float32), i(), i(),
+               np.full((n, spec.stop_slots), spec.config.vocab_size, np.int32))
+
+
 def insert_fn(spec: Spec, rows: int, n: int):
-  """(state, logits [G, V], src [n], dest [n], prompt lengths [n], request [n], seed [n], temperature [n],
-  top_p [n], budget [n], min_new [n], stops [n, M]) -> (state, first tokens [n], logprobs [n], done [n]):
-  samples each inserted slot's first token from its prompt's logits and sets the slot up."""
+  """(state, logits [G, V], Inserted) -> (state, first tokens [n], logprobs [n], done [n]): samples each
+  inserted slot's first token from its prompt's logits and sets the slot up."""
   trace_key = ("insert", spec.slots, rows, n, spec.stop_slots, spec.sampling)
 
-  def insert(state: SlotState, logits_GxV, src_n, dest_n, lengths_n, request_n, seed_n, temperature_n, top_p_n,
-             budget_n, min_new_n, stops_nxM):
+  def insert(state: SlotState, logits_GxV, new: Inserted):
     _TRACES[trace_key] += 1
-    zeros_n = jnp.zeros_like(src_n)
-    new = SlotState(lengths_n, zeros_n, zeros_n, budget_n, min_new_n, request_n, seed_n, temperature_n, top_p_n,
-                    stops_nxM, jnp.ones_like(src_n, bool))
-    tok_n, lp_n = _choose(spec, logits_GxV[src_n], new, zeros_n)
-    done_n = _is_stop(tok_n, stops_nxM) | (budget_n <= 1)
-    new = new._replace(tokens_B=tok_n, steps_B=jnp.ones_like(src_n), active_B=~done_n)
-    state = SlotState(*(s.at[dest_n].set(x, mode="drop") for s, x in zip(state, new)))
+    zeros_n = jnp.zeros_like(new.src_n)
+    slot = SlotState(new.lengths_n, zeros_n, zeros_n, new.budget_n, new.min_new_n, new.request_n, new.seed_n,
+                     new.temperature_n, new.top_p_n, new.stops_nxM, jnp.ones_like(new.src_n, bool))
+    tok_n, lp_n = _choose(spec, logits_GxV[new.src_n], slot, zeros_n)
+    done_n = _is_stop(tok_n, new.stops_nxM) | (new.budget_n <= 1)
+    slot = slot._replace(tokens_B=tok_n, steps_B=jnp.ones_like(zeros_n), active_B=~done_n)
+    state = SlotState(*(s.at[new.dest_n].set(x, mode="drop") for s, x in zip(state, slot)))
     return state, tok_n, lp_n, done_n
 
   return insert
 
 
+class DecodeCarry(NamedTuple):
+  """The decode loop's state, and what a decode call returns: the cache and slots after the call, per slot
+  the tokens [B, K], logprobs and (when kept) logits [B, K, V] it emitted, how many, whether it finished
+  (stopped or reached its budget) or stopped; and the steps taken."""
+
+  cache: SlotCache
+  state: SlotState
+  tokens_BxK: jax.Array
+  logprobs_BxK: jax.Array
+  logits_BxKxV: jax.Array | None
+  emitted_B: jax.Array
+  finished_B: jax.Array
+  stopped_B: jax.Array
+  step: jax.Array
+
+
 def decode_fn(spec: Spec):
-  """(params, cache, state, limit, leave_early) -> (cache, state, tokens [B, K], logprobs [B, K],
-  logits [B, K, V] or None, emitted [B], finished [B], stopped [B]): up to `limit` (<= K) steps of every
-  active slot; with `leave_early`, the call returns after the step in which any row stops or reaches its
-  budget."""
+  """(params, cache, state, limit, leave_early) -> DecodeCarry: up to `limit` (<= K) steps of every active
+  slot; with `leave_early`, the call returns after the step in which any row stops or reaches its budget."""
   c, B, K = spec.config, spec.slots, spec.steps
   trace_key = ("decode", B, spec.length, K, spec.stop_slots, spec.sampling, spec.return_logits, spec.layout)
 
-  def decode(params, cache: SlotCache, state: SlotState, limit, leave_early):
+  def decode(params, cache: SlotCache, state: SlotState, limit, leave_early) -> DecodeCarry:
     _TRACES[trace_key] += 1
     model = nnx.merge(spec.graphdef, params)
-    out_tokens = jnp.zeros((B, K), jnp.int32)
-    out_lp = jnp.zeros((B, K), jnp.float32)
-    out_logits = jnp.zeros((B, K, c.vocab_size), jnp.float32) if spec.return_logits else None
     zeros_B = jnp.zeros((B,), bool)
-    carry = (cache, state, out_tokens, out_lp, out_logits, jnp.zeros((B,), jnp.int32), zeros_B, zeros_B,
-             jnp.int32(0))
+    logits = jnp.zeros((B, K, c.vocab_size), jnp.float32) if spec.return_logits else None
+    start = DecodeCarry(cache, state, jnp.zeros((B, K), jnp.int32), jnp.zeros((B, K), jnp.float32), logits,
+                        jnp.zeros((B,), jnp.int32), zeros_B, zeros_B, jnp.int32(0))
 
-    def cond(carry):
-      state, finished_B, step = carry[1], carry[6], carry[8]
-      return (step < limit) & jnp.any(state.active_B) & ~(leave_early & jnp.any(finished_B))
+    def cond(carry: DecodeCarry):
+      return (carry.step < limit) & jnp.any(carry.state.active_B) & ~(leave_early & jnp.any(carry.finished_B))
 
-    def body(carry):
-      cache, state, out_tokens, out_lp, out_logits, emitted_B, finished_B, stopped_B, step = carry
+    def body(carry: DecodeCarry) -> DecodeCarry:
+      state, step = carry.state, carry.step
       live_B = state.active_B
-      hidden_Bx1xD, cache = model.extend(state.tokens_B[:, None], cache, state.lengths_B, kernel=spec.kernel)
+      hidden_Bx1xD, cache = model.extend(state.tokens_B[:, None], carry.cache, state.lengths_B, kernel=spec.kernel)
       logits_BxV = model.logits(hidden_Bx1xD)[:, 0]
       tok_B, lp_B = _choose(spec, logits_BxV, state, state.steps_B)
-      out_tokens = jax.lax.dynamic_update_index_in_dim(out_tokens, jnp.where(live_B, tok_B, 0), step, 1)
-      out_lp = jax.lax.dynamic_update_index_in_dim(out_lp, jnp.where(live_B, lp_B, 0.0), step, 1)
-      if out_logits is not None:
-        out_logits = jax.lax.dynamic_update_index_in_dim(out_logits, logits_BxV, step, 1)
+      put = lambda out, x: jax.lax.dynamic_update_index_in_dim(out, x, step, 1)
+      logits = carry.logits_BxKxV if carry.logits_BxKxV is None else put(carry.logits_BxKxV, logits_BxV)
       stop_B = live_B & _is_stop(tok_B, state.stops_BxM)
       steps_B = state.steps_B + live_B
       done_B = stop_B | (live_B & (steps_B >= state.budget_B))
       state = state._replace(lengths_B=state.lengths_B + live_B, tokens_B=jnp.where(live_B, tok_B, state.tokens_B),
                              steps_B=steps_B, active_B=state.active_B & ~done_B)
-      return (cache, state, out_tokens, out_lp, out_logits, emitted_B + live_B, finished_B | done_B,
-              stopped_B | stop_B, step + 1)
+      return DecodeCarry(cache, state, put(carry.tokens_BxK, jnp.where(live_B, tok_B, 0)),
+                         put(carry.logprobs_BxK, jnp.where(live_B, lp_B, 0.0)), logits, carry.emitted_B + live_B,
+                         carry.finished_B | done_B, carry.stopped_B | stop_B, step + 1)
 
-    cache, state, out_tokens, out_lp, out_logits, emitted_B, finished_B, stopped_B, _ = jax.lax.while_loop(
-        cond, body, carry)
-    return cache, state, out_tokens, out_lp, out_logits, emitted_B, finished_B, stopped_B
+    return jax.lax.while_loop(cond, body, start)
 
   return decode
 
@@ -393,10 +430,9 @@ class Programs:
 
   def _insert_definition(self, rows, n):
     s = self._insert_spec()
-    V, M = s.config.vocab_size, s.stop_slots
-    i32 = lambda: self._vec(n, jnp.int32)
-    args = (self.abstract_state(), self._vec(rows, jnp.float32, V), i32(), i32(), i32(), i32(), i32(),
-            self._vec(n, jnp.float32), self._vec(n, jnp.float32), i32(), i32(), self._vec(n, jnp.int32, M))
+    sh = None if s.mesh is None else _replicated(s.mesh)
+    new = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), Inserted.empty(n, s))
+    args = (self.abstract_state(), self._vec(rows, jnp.float32, s.config.vocab_size), new)
     out = None if s.mesh is None else _replicated(s.mesh)
     return insert_fn(s, rows, n), args, (0,), out
 
@@ -408,7 +444,7 @@ class Programs:
     out = None
     if s.mesh is not None:
       r = _replicated(s.mesh)
-      out = (cache_shardings(s), r, r, r, None if not s.return_logits else r, r, r, r)
+      out = DecodeCarry(cache_shardings(s), r, r, r, None if not s.return_logits else r, r, r, r, r)
     return decode_fn(s), args, (1, 2), out
 
   def prefill(self, params, rows: int, prompt: int, copies: int = 1, chunk: int | None = None):

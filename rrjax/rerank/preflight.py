@@ -3,7 +3,7 @@ engine programs a rerank with these settings runs, built from abstract shapes on
 
 Listwise and full-list reranking keep one engine whose slots hold the longest window prompt (with the
 backend's headroom) plus `max_new_tokens`; its slots, prefill group and prefill chunk are planned for the
-device budget exactly as rrjax.ranking.backend plans them at run time (or `batch_size` slots when the
+device budget exactly as rrjax.rerank.backend plans them at run time (or `batch_size` slots when the
 settings name them), for as many concurrent windows as there are queries. Rank1 (pointwise) runs generate
 over chunks of its (query, passage) prompts, then a scoring pass over prompt + reasoning that keeps the last
 logits. The longest window is computed, not read: `window` passages (top_k for a full list) of
@@ -12,17 +12,19 @@ logits. The longest window is computed, not read: `window` passages (top_k for a
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from flax import nnx
 
 from rrjax import aot, decode
 from rrjax.engine import core as engine_lib
+from rrjax.engine.config import EngineConfig
 from rrjax.model import attention as attention_lib
 from rrjax.model.qwen2 import Qwen2, Qwen2Config
-from rrjax.ranking.backend import listwise_engine
 from rrjax.ranking.pointwise import rank1_passage, rank1_prompt
 from rrjax.ranking.prompt import build_prompt
+from rrjax.rerank import backend
 from rrjax.rerank.settings import RerankSettings
 
 # BRIGHT's queries run 93-594 tokens on average per task (Qwen2.5 tokenizer), the longest 7,182 (robotics).
@@ -76,22 +78,22 @@ def programs(model, settings: RerankSettings, tokenizer, mesh, *, hbm_bytes: int
   prompt = longest_prompt(s, tokenizer, query_tokens)
   if s.mode == "pointwise":
     rows = min(num_queries * s.top_k, max(s.batch_size or 0, POINTWISE_CHUNK))
-    common = dict(mesh=mesh, batch_size=s.batch_size or "auto", memory_limit_bytes=hbm_bytes, prefix="")
-    built = decode.programs(model, rows, prompt, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                            top_p=s.top_p, top_k=s.sampling_top_k, min_p=s.min_p, stop_ids=tokenizer.stop_ids,
-                            **common)
+    want = EngineConfig(slots=s.batch_size or 0, sampling=backend.sampling(s))
+    common = dict(mesh=mesh, memory_limit_bytes=hbm_bytes, prefix="")
+    built = decode.programs(model, rows, prompt, max_new_tokens=s.max_new_tokens, engine=want,
+                            stop_ids=tokenizer.stop_ids, **common)
     # The scoring pass: prompt + reasoning + `</think>`, one greedy step, its logits kept.
     built += [(f"score_{name}", fn, args) for name, fn, args in decode.programs(
-        model, rows, prompt + s.max_new_tokens + 8, max_new_tokens=1, return_logits=True,
-        buckets=decode.Buckets(min_new_tokens=1), **common)]
+        model, rows, prompt + s.max_new_tokens + 8, max_new_tokens=1,
+        engine=dataclasses.replace(backend.SCORING, slots=want.slots), **common)]
     shape = {"prompt_tokens": prompt, "prompts_per_call": rows, **_shapes(built, ""), **_shapes(built, "score_")}
   else:
-    plan, P, engine = listwise_engine(model, s, prompt_tokens=prompt, max_new_tokens=s.max_new_tokens,
-                                      num_slots=num_queries, mesh=mesh, memory_limit_bytes=hbm_bytes,
-                                      what=f"the longest window ({prompt} prompt tokens, {s.max_new_tokens} new)")
-    built = engine_lib.abstract_programs(model, prompt_len=P, mesh=mesh, **engine)  # the longest prefill
-    shape = {"prompt_tokens": prompt, **_shapes(built, ""), "prefill_chunk": plan.chunk,
-             "estimate_bytes": plan.estimate.total}
+    config, P = backend.listwise_engine(model, s, prompt_tokens=prompt, max_new_tokens=s.max_new_tokens,
+                                        num_slots=num_queries, mesh=mesh, memory_limit_bytes=hbm_bytes,
+                                        what=f"the longest window ({prompt} prompt tokens, {s.max_new_tokens} new)")
+    built = engine_lib.abstract_programs(model, config, prompt_len=P, mesh=mesh)  # the longest prefill
+    shape = {"prompt_tokens": prompt, **_shapes(built, ""), "prefill_chunk": config.prefill_chunk,
+             "estimate_bytes": config.estimate.total}
   c = model.config
 
   def kernel(name, args):  # the prompt attends to itself in prefill; decode reads the slot cache

@@ -1,5 +1,5 @@
 """`rerank(queries, model, tokenizer, settings)`: the settings' mode over the model-free loops of
-rrjax.ranking, with the model behind rrjax.ranking.backend."""
+rrjax.ranking, with the model behind rrjax.rerank.backend."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 from typing import Sequence
 
 from rrjax.ranking import rerank_loop as loop
-from rrjax.ranking.backend import ModelBackend
+from rrjax.rerank.backend import ModelBackend
 from rrjax.rerank.settings import RerankSettings
 
 

@@ -196,7 +196,7 @@ class LocalTeacher:
   def _generate(self, prompts: Sequence[str]) -> list[str]:
     from rrjax import decode
     out = decode.generate(self.model, [self.tokenizer.encode(p) for p in prompts], max_new_tokens=self.max_new_tokens,
-                          temperature=self.temperature, batch_size=self.batch_size or "auto")
+                          temperature=self.temperature, engine=decode.EngineConfig(slots=self.batch_size or 0))
     return [self.tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens]
 
   def judge(self, requests: Sequence[JudgeRequest]) -> list[bool | None]:

@@ -29,11 +29,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from rrjax import decode
 from rrjax import tokenizer as tokenizer_lib
 from rrjax.data import rl as rl_data
+from rrjax.engine.config import EngineConfig
 from rrjax.model import attention as attention_lib
 from rrjax.model.qwen2 import Qwen2Config
 from rrjax.ranking import reward as reward_lib
+from rrjax.sampling import Sampling
 from rrjax.train import logprobs, optim
-from rrjax import aot, cost
+from rrjax import aot, cost, hardware
 from rrjax.train.config import GRPOConfig, TrainConfig
 from rrjax.train.state import TrainState, apply_gradients, micro_batches, scan_gradients, unmicro_batches
 
@@ -320,6 +322,9 @@ class GRPOTrainer:
     self.shards = mesh.shape["data"] * mesh.shape["fsdp"]
     self.micro_rows = g.micro_batch_size * self.shards
     self.n_rollouts = n = config.batch_size * g.rollouts_per_prompt
+    # The rollout engine, the same for every step and for preflight (generate plans it once per shape).
+    self.rollout_engine = EngineConfig(slots=g.rollout_batch_size or n,
+                                       sampling=Sampling(g.temperature, g.top_k, g.top_p))
     if n % g.updates_per_step:
       raise ValueError(f"GRPOConfig.updates_per_step={g.updates_per_step} must divide the {n} rollouts")
     if (n // g.updates_per_step) % self.micro_rows:
@@ -436,8 +441,9 @@ class GRPOTrainer:
               mini, P, R, update=True)).compile()
     return self._executables[key]
 
-  def programs(self) -> list[aot.Program]:
-    """Every program of a step at the largest shapes the recipe allows (prompt = max_prompt_tokens)."""
+  def programs(self, hbm_bytes: int | None = None) -> list[aot.Program]:
+    """Every program of a step at the largest shapes the recipe allows (prompt = max_prompt_tokens); the
+    rollout engine planned, as the run plans it, for `hbm_bytes` per device less the state resident meanwhile."""
     g, lay, cfg = self.grpo, self.lay, self.model_cfg
     P, R = shape_bucket(g.max_prompt_tokens, g.max_prompt_tokens), shape_bucket(g.max_response_tokens,
                                                                                  g.max_response_tokens)
@@ -451,8 +457,8 @@ class GRPOTrainer:
     lora = bool(cfg.lora.rank)
     for name, fn, args in decode.programs(
         abstract_model, self.config.batch_size, g.max_prompt_tokens, num_samples=g.rollouts_per_prompt,
-        max_new_tokens=g.max_response_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-        stop_ids=self.tokenizer.stop_ids, mesh=self.mesh, batch_size=g.rollout_batch_size):
+        max_new_tokens=g.max_response_tokens, engine=self.rollout_engine, stop_ids=self.tokenizer.stop_ids,
+        mesh=self.mesh, memory_limit_bytes=hbm_bytes and hbm_bytes - state_bytes["opt_state"] - ref_bytes):
       prefill_kernel = None
       if name == "rollout_prefill":  # the prompt attends to itself; decode steps use the cache path
         prefill_kernel = attention_lib.kernel_for(cfg.attention, args[1].shape[1], cfg.dtype, cfg.head_dim)
@@ -492,6 +498,12 @@ class GRPOTrainer:
 
   # -- one step
 
+  def _rollout_budget(self, state: TrainState) -> int | None:
+    """Per-device bytes the rollout engine may plan for: the devices' memory less the optimizer state and the
+    reference weights that stay resident (None on CPU, where the engine reads the host's available memory)."""
+    limit = hardware.device_memory_limit(list(self.mesh.devices.flat))
+    return limit and limit - aot.device_bytes(state.opt_state) - aot.device_bytes(self.ref_params)
+
   def step(self, state: TrainState, batch_ids) -> tuple[TrainState, dict[str, Any]]:
     g, c = self.grpo, self.config
     ids = [int(i) for i in np.asarray(batch_ids)]
@@ -503,7 +515,8 @@ class GRPOTrainer:
     # One prefill per prompt into its G slots; the engine's cache is freed when generate returns, before the update.
     gen = decode.generate(model, prompts, num_samples=g.rollouts_per_prompt, max_new_tokens=g.max_response_tokens,
                           temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=c.seed * 1_000_003 + step_no,
-                          stop_ids=self.tokenizer.stop_ids, mesh=self.mesh, batch_size=g.rollout_batch_size)
+                          stop_ids=self.tokenizer.stop_ids, mesh=self.mesh, engine=self.rollout_engine,
+                          memory_limit_bytes=self._rollout_budget(state))
     texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in gen.tokens]
     per_rollout = [r for r in rows for _ in range(g.rollouts_per_prompt)]
     rewards = reward_lib.batch_rewards(texts, *rl_data.reward_inputs(per_rollout))

@@ -48,7 +48,7 @@ class Trainer(Protocol):
 
   def step(self, state: state_lib.TrainState, batch: Any) -> tuple[state_lib.TrainState, dict[str, Any]]: ...
 
-  def programs(self) -> list[aot.Program]: ...  # every program a step runs, at the largest shapes
+  def programs(self, hbm_bytes: int | None = None) -> list[aot.Program]: ...  # a step's, at the largest shapes
 
   def adopt(self, program: aot.Program, compiled) -> None: ...  # reuse a preflight compile
 

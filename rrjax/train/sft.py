@@ -190,8 +190,9 @@ class SFTTrainer:
     shape = (rows, self.config.sft_data.seq_len)
     return {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=self.batch_sharding) for k in pipeline.BATCH_KEYS}
 
-  def programs(self) -> list[aot.Program]:
-    """The step at the largest batch the data can produce (every example on its own row)."""
+  def programs(self, hbm_bytes: int | None = None) -> list[aot.Program]:
+    """The step at the largest batch the data can produce (every example on its own row); its memory is the
+    compiler's to measure (`hbm_bytes` plans nothing here)."""
     cfg, seq = self.model_cfg, self.config.sft_data.seq_len
     kernel = attention_lib.kernel_for(cfg.attention, seq, cfg.dtype, cfg.head_dim)
     work = cost.Work(cfg, "train", self.config.batch_size, seq, frozen_base=bool(cfg.lora.rank))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import zlib
@@ -11,32 +12,35 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from rrjax import decode
+from rrjax.engine import config as engine_config
 from rrjax.engine import core as engine_lib
+from rrjax.engine.config import EngineConfig
 from rrjax.ranking import rerank_loop as loop
 from rrjax.ranking.pointwise import rank1_label_ids, rank1_reasoning
 from rrjax.sampling import Sampling
 
 HEADROOM = 1.25  # slot prompt room over the longest prompt seen: later windows of a query may be longer
 _SHAPES = ("slots", "prefill_group", "prefill_chunk", "slot_length", "estimate_bytes")
+# Rank1's scoring pass: one greedy step over prompt + reasoning + `</think>`, its logits kept.
+SCORING = EngineConfig(return_logits=True, buckets=decode.Buckets(min_new_tokens=1))
+
+
+def sampling(settings) -> Sampling:
+  s = settings
+  return Sampling(s.temperature, s.sampling_top_k, s.top_p, s.min_p)
 
 
 def listwise_engine(model, settings, *, prompt_tokens: int, max_new_tokens: int, num_slots: int, mesh=None,
-                    memory_limit_bytes: int | None = None, what: str = "a window"
-                    ) -> tuple[engine_lib.Plan, int, dict]:
-  """(plan, prompt positions, Engine keyword arguments) of the engine that serves windows of up to
-  `prompt_tokens` (the prompt positions: with HEADROOM, bucketed) and `max_new_tokens`, for `num_slots` windows in flight: `settings.batch_size` slots,
-  or as many as the memory budget (`memory_limit_bytes`, else the devices') holds. rrjax.rerank.preflight
-  compiles the programs of the same arguments."""
-  buckets = decode.Buckets()
-  P = buckets.prompt(math.ceil(prompt_tokens * HEADROOM))
-  N = buckets.new_tokens(max_new_tokens)
-  plan = engine_lib.plan(model, length=P + N, prompt_len=P, mesh=mesh, slots=settings.batch_size,
-                         num_slots=num_slots, steps=decode.STEPS_PER_CALL, memory_limit_bytes=memory_limit_bytes,
-                         what=what)
-  sampling = Sampling(settings.temperature, settings.sampling_top_k, settings.top_p, settings.min_p)
-  shape = dict(slots=plan.slots, max_length=plan.length, sampling=sampling,
-               steps_per_call=decode.STEPS_PER_CALL, prefill_group=plan.prefill_group, prefill_chunk=plan.chunk)
-  return plan, P, shape
+                    memory_limit_bytes: int | None = None, what: str = "a window") -> tuple[EngineConfig, int]:
+  """(engine config, prompt positions) of the engine that serves windows of up to `prompt_tokens` (the prompt
+  positions: with HEADROOM, bucketed) and `max_new_tokens`, for `num_slots` windows in flight:
+  `settings.batch_size` slots, or as many as the memory budget (`memory_limit_bytes`, else the devices')
+  holds. rrjax.rerank.preflight compiles the programs of the same config."""
+  want = EngineConfig(slots=settings.batch_size or 0, sampling=sampling(settings))
+  P = want.buckets.prompt(math.ceil(prompt_tokens * HEADROOM))
+  want = dataclasses.replace(want, length=P + want.buckets.new_tokens(max_new_tokens))
+  return engine_config.plan(model, want, prompt_len=P, mesh=mesh, num_slots=num_slots,
+                            memory_limit_bytes=memory_limit_bytes, what=what), P
 
 
 class ModelBackend:
@@ -120,13 +124,13 @@ class ModelBackend:
     longest = max(self._waiting, key=lambda r: len(r.prompt) + r.max_new_tokens)
     what = f"window {getattr(longest.tag, 'qid', '?')}[{getattr(longest.tag, 'start', '?')}:" \
            f"{getattr(longest.tag, 'end', '?')}] ({len(longest.prompt)} prompt tokens, {longest.max_new_tokens} new)"
-    plan, _, shape = listwise_engine(self.model, self.settings, prompt_tokens=len(longest.prompt),
-                                  max_new_tokens=max(r.max_new_tokens for r in self._waiting),
-                                  num_slots=max(self.concurrency or 0, len(self._waiting)), mesh=self.mesh, what=what)
-    self._account({"budget_bytes": plan.estimate.limit, "slots": plan.slots, "prefill_group": plan.prefill_group,
-                   "prefill_chunk": plan.chunk, "slot_length": plan.length, "estimate_bytes": plan.estimate.total,
-                   "engines": 1})
-    return engine_lib.Engine(self.model, mesh=self.mesh, leave_early=True if self.eager else None, **shape)
+    config, _ = listwise_engine(self.model, self.settings, prompt_tokens=len(longest.prompt),
+                                max_new_tokens=max(r.max_new_tokens for r in self._waiting),
+                                num_slots=max(self.concurrency or 0, len(self._waiting)), mesh=self.mesh, what=what)
+    self._account({"budget_bytes": config.estimate.limit, "slots": config.slots, "prefill_group": config.prefill_group,
+                   "prefill_chunk": config.prefill_chunk, "slot_length": config.length,
+                   "estimate_bytes": config.estimate.total, "engines": 1})
+    return engine_lib.Engine(self.model, config, self.mesh, leave_early=True if self.eager else None)
 
   def poll(self) -> list[tuple[Any, loop.Completion]]:
     """Decodes until at least one pending window is answered; [] when none is pending."""
@@ -165,7 +169,7 @@ class ModelBackend:
 
   # ---------------------------------------------------------------- Rank1
 
-  def _generate(self, ids, **kw) -> decode.Generation:
+  def _generate(self, ids, engine: EngineConfig = EngineConfig(), **kw) -> decode.Generation:
     s = self.settings
     kw = {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.sampling_top_k, "min_p": s.min_p,
           "stop_ids": self.tokenizer.stop_ids, **kw}
@@ -173,7 +177,7 @@ class ModelBackend:
     # A new seed per call, so sampled rounds do not replay one random stream. Without a batch size, the slots
     # and prefill group are the most the memory budget holds.
     gen = decode.generate(self.model, ids, seed=s.seed + self.calls, mesh=self.mesh,
-                          batch_size=s.batch_size or "auto", **kw)
+                          engine=dataclasses.replace(engine, slots=s.batch_size or 0), **kw)
     self.generate_seconds += time.perf_counter() - t0
     self.calls += 1
     self._account(gen.engine or {})
@@ -196,8 +200,7 @@ class ModelBackend:
     reasoning = [rank1_reasoning(self.tokenizer.decode(t, skip_special_tokens=True)) for t in gen.tokens]
     # One forward pass over prompt + reasoning + `</think>`: the last position's logits are the label's.
     full = [p + self.tokenizer.encode(text) for p, (text, _) in zip(ids, reasoning)]
-    last = self._generate(full, max_new_tokens=1, temperature=0.0, stop_ids=(), return_logits=True,
-                          buckets=decode.Buckets(min_new_tokens=1))
+    last = self._generate(full, SCORING, max_new_tokens=1, temperature=0.0, stop_ids=())
     out = []
     for i, (_, source) in enumerate(reasoning):
       logits_V = last.logits[i][0]
