@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from rrjax import fileio
+from rrjax import sharding as sharding_lib
 
 GiB = 2**30
 FILE = "preflight.json"
@@ -117,7 +118,7 @@ def report(measured: Sequence[Measured], *, topology: str, devices, mesh, hbm_by
   refused = any(m.error for m in measured)
   fits = (not refused) and (hbm_bytes is None or peak <= hbm_bytes)
   return {"topology": topology, "device_kind": devices[0].device_kind, "platform": platform,
-          "devices": len(devices), "mesh": dict(zip(mesh.axis_names, map(int, mesh.axis_sizes))),
+          "devices": len(devices), "mesh": sharding_lib.mesh_sizes(mesh),
           "hbm_bytes": hbm_bytes, "programs": [m.to_json() for m in measured], "peak_bytes": peak, "fits": fits,
           "warnings": list(warnings)}
 
@@ -194,7 +195,7 @@ def measure_programs(programs: Sequence[Program], mesh, *, topology: str, platfo
     for p, m in zip(programs, measured):
       if m.compiled is not None:
         m.cost = cost_lib.program_cost(m.compiled.as_text(), p.work, chip, len(devices),
-                                       dict(zip(mesh.axis_names, mesh.axis_sizes)).get("tensor", 1))
+                                       sharding_lib.mesh_sizes(mesh).get("tensor", 1))
   rep = report(measured, topology=topology, devices=devices, mesh=mesh, hbm_bytes=hbm_bytes, platform=platform,
                warnings=[*attention_warnings(programs, platform), *warnings])
   if cost:

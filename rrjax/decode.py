@@ -55,8 +55,8 @@ def _per_prompt(value, n: int, name: str) -> list[int]:
   return values
 
 
-def _plan(model, want: EngineConfig, rows: int, P: int, N: int, *, stops: int, mesh, memory_limit_bytes, check=True,
-          what: str) -> EngineConfig:
+def _plan(model, want: EngineConfig, rows: int, P: int, N: int, *, copies: int, stops: int, mesh, memory_limit_bytes,
+          check=True, what: str) -> EngineConfig:
   """The engine of `rows` rows of P prompt + N new positions: `want`'s slots (bucketed, at most one per row) or
   as many as the budget holds, its steps per call at most N, stop slots for `stops` ids (rrjax.engine.plan)."""
   multiple = memory.data_shards(mesh)
@@ -66,8 +66,8 @@ def _plan(model, want: EngineConfig, rows: int, P: int, N: int, *, stops: int, m
   want = dataclasses.replace(want, slots=slots, prefill_group=group, length=max(want.length, P + N),
                              steps_per_call=min(want.steps_per_call, N), stop_slots=max(want.stop_slots,
                                                                                           bucket(stops, 8)))
-  return config_lib.plan(model, want, prompt_len=P, mesh=mesh, num_slots=rows, memory_limit_bytes=memory_limit_bytes,
-                         check=check, what=what)
+  return config_lib.plan(model, want, prompt_len=P, mesh=mesh, num_slots=rows, copies=copies,
+                         memory_limit_bytes=memory_limit_bytes, check=check, what=what)
 
 
 def generate(model: Qwen2, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
@@ -118,7 +118,8 @@ def generate(model: Qwen2, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
   P = engine.buckets.prompt(max(len(p) for p in prompts))
   N = engine.buckets.new_tokens(max(max_new))
   longest = max(range(len(prompts)), key=lambda i: len(prompts[i]) + max_new[i])
-  planned = _plan(model, dataclasses.replace(engine, sampling=settings), n, P, N, stops=len(stop_ids), mesh=mesh,
+  planned = _plan(model, dataclasses.replace(engine, sampling=settings), n, P, N, copies=G, stops=len(stop_ids),
+                  mesh=mesh,
                   memory_limit_bytes=memory_limit_bytes,
                   what=f"prompt {longest} ({len(prompts[longest])} tokens, {max_new[longest]} new)")
   eng = core.Engine(model, planned, mesh)
@@ -147,15 +148,9 @@ def programs(model: Qwen2, num_prompts: int, prompt_len: int, *, max_new_tokens:
   `program.lower(*arguments).compile()` under the mesh builds what `generate` would run, nothing allocated."""
   n = num_prompts * num_samples
   P, N = engine.buckets.prompt(prompt_len), engine.buckets.new_tokens(max_new_tokens)
-  planned = _plan(model, engine, n, P, N, stops=len({int(s) for s in stop_ids}), mesh=mesh,
+  # The plan's prefill group is the engine's largest (rrjax.engine.config.group_cap).
+  planned = _plan(model, engine, n, P, N, copies=num_samples, stops=len({int(s) for s in stop_ids}), mesh=mesh,
                   memory_limit_bytes=memory_limit_bytes, check=memory_limit_bytes is not None,
                   what=f"a prompt of {P} tokens ({N} new)")
-  # The engine's largest prefill (Engine._take): prompts whose copies fill at most the B slots; with C copies
-  # a group's first and last prompt may bring only part of theirs.
-  B, C = planned.slots, bucket(num_samples, 1)
-  requests = B if num_samples == 1 else 1 + -(-(B - 1) // num_samples)
-  multiple = memory.data_shards(mesh)
-  group = min(planned.prefill_group, engine.buckets.batch(min(planned.prefill_group, num_prompts, requests), multiple))
-  built = core.abstract_programs(model, dataclasses.replace(planned, prefill_group=group), prompt_len=P, mesh=mesh,
-                                 copies=C)
+  built = core.abstract_programs(model, planned, prompt_len=P, mesh=mesh, copies=bucket(num_samples, 1))
   return [(prefix + name, fn, args) for name, fn, args in built]

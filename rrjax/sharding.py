@@ -113,8 +113,9 @@ def logical_spec(names: Sequence[str | None], shape: Sequence[int], mesh_axis_si
   return PartitionSpec(*spec)
 
 
-def _mesh_sizes(mesh) -> dict[str, int]:
-  return dict(zip(mesh.axis_names, mesh.axis_sizes))
+def mesh_sizes(mesh) -> dict[str, int]:
+  """Axis name -> size ({} without a mesh)."""
+  return {} if mesh is None else dict(zip(mesh.axis_names, map(int, mesh.axis_sizes)))
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
@@ -122,7 +123,7 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
-  return jax.lax.with_sharding_constraint(x, logical_spec(names, x.shape, _mesh_sizes(mesh)))
+  return jax.lax.with_sharding_constraint(x, logical_spec(names, x.shape, mesh_sizes(mesh)))
 
 
 def variable_logical_axes(variable: nnx.Variable) -> tuple[str | None, ...]:
@@ -134,7 +135,7 @@ def variable_logical_axes(variable: nnx.Variable) -> tuple[str | None, ...]:
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules: LogicalRules | None = None):
   """A pure-dict tree of NamedShardings, one per Variable of `state`, from its logical axes."""
-  sizes = _mesh_sizes(mesh)
+  sizes = mesh_sizes(mesh)
 
   def one(v: nnx.Variable):
     return NamedSharding(mesh, logical_spec(variable_logical_axes(v), v.shape, sizes, rules))

@@ -207,7 +207,7 @@ def test_memory_check_reports_need_and_batch_size(models):
   assert est4.total <= limit < est16.total
   run = lambda **kw: decode.generate(model, prompts, max_new_tokens=4, stop_ids=NO_STOP, **kw)
   with pytest.raises(decode.DecodeMemoryError, match=r"16 slots .* need .* GiB per device.*batch_size=(4|8)") as e:
-    run(memory_limit_bytes=limit, engine=decode.EngineConfig(slots=16))
+    run(memory_limit_bytes=limit, engine=decode.EngineConfig(slots=16, prefill_group=16))
   assert isinstance(e.value, ValueError)
   with pytest.raises(decode.DecodeMemoryError, match="does not fit even at 1 slot"):
     run(memory_limit_bytes=1000)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from rrjax import hardware
+from rrjax import sharding as sharding_lib
 from rrjax.engine import memory
 from rrjax.engine.programs import Buckets, Spec
 from rrjax.model import attention as attention_lib
@@ -59,14 +60,10 @@ class EngineConfig:
     return self.prefill_chunk if self.prefill_chunk and self.prefill_chunk < prompt else None
 
 
-def _tensor(mesh: Mesh | None) -> int:
-  return 1 if mesh is None else dict(zip(mesh.axis_names, mesh.axis_sizes)).get("tensor", 1)
-
-
 def decode_kernel(config, cache_dtype: str, mesh: Mesh | None = None) -> str:
   """The attention kernel of the decode program, for the platform programs are built for."""
   return attention_lib.slot_kernel(config.attention, dtype=cache_dtype, num_heads=config.num_heads,
-                                   num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, tensor=_tensor(mesh))
+                                   num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, tensor=sharding_lib.mesh_sizes(mesh).get("tensor", 1))
 
 
 def default_cache_dtype(config) -> str:
@@ -97,22 +94,33 @@ def plans_made() -> int:
 
 
 def plan(model, want: EngineConfig, *, prompt_len: int, mesh: Mesh | None = None, num_slots: int | None = None,
-         memory_limit_bytes: int | None = None, check: bool = True, what: str = "a request") -> EngineConfig:
+         copies: int = 1, memory_limit_bytes: int | None = None, check: bool = True,
+         what: str = "a request") -> EngineConfig:
   """`want` resolved for prompts of up to `prompt_len` positions within the budget (`memory_limit_bytes`, else
   the devices' limit or the host's memory on CPU) less HEADROOM, with its estimate (its `limit` is the budget
-  planned for): slots left at 0 become the most, up to `num_slots`, that fit. Without `check`, fixed slots are taken as given (no estimate: the compiler measures).
-  Raises DecodeMemoryError naming `what`, the sizes and the slots that would fit. Kept per argument (the
-  model's config stands for its weights), so the budget is read when a shape is first seen."""
-  key = (model.config, want, prompt_len, mesh, num_slots, memory_limit_bytes, check)
+  planned for): slots left at 0 become the most, up to `num_slots` rows (`copies` per prompt), that fit; an
+  unset prefill group the most prompts, up to what one prefill can take (`group_cap`), that fit beside them.
+  Without `check`, fixed slots are taken as given (no estimate: the compiler measures). Raises
+  DecodeMemoryError naming `what`, the sizes and the slots that would fit. Kept per argument (the model's config
+  stands for its weights), so the budget is read when a shape is first seen."""
+  key = (model.config, want, prompt_len, mesh, num_slots, copies, memory_limit_bytes, check)
   if key not in _PLANS:
-    _PLANS[key] = _plan(model, want, prompt_len, mesh, num_slots, memory_limit_bytes, check, what)
+    _PLANS[key] = _plan(model, want, prompt_len, mesh, num_slots, copies, memory_limit_bytes, check, what)
   return _PLANS[key]
 
 
-def _plan(model, want: EngineConfig, prompt_len, mesh, num_slots, limit, check, what) -> EngineConfig:
+def group_cap(slots: int, rows: int | None, copies: int) -> int:
+  """The most prompts one prefill into `slots` free slots takes (Engine._take) when `rows` rows come as
+  `copies` copies of each prompt: a group's first and last prompt may bring only part of their copies."""
+  prompts = -(-rows // copies) if rows else slots
+  return min(prompts, slots if copies == 1 else 1 + -(-(slots - 1) // copies))
+
+
+def _plan(model, want: EngineConfig, prompt_len, mesh, num_slots, copies, limit, check, what) -> EngineConfig:
   resolved = want.resolved(model.config, mesh)
   if want.slots and not check:
-    return resolved
+    cap = want.buckets.batch(group_cap(want.slots, num_slots, copies), memory.data_shards(mesh))
+    return dataclasses.replace(resolved, prefill_group=min(resolved.prefill_group, cap))
   want = dataclasses.replace(resolved, prefill_group=want.prefill_group)  # unset: searched below
   multiple = memory.data_shards(mesh)
   weights = memory.weight_bytes(model, mesh)
@@ -128,7 +136,8 @@ def _plan(model, want: EngineConfig, prompt_len, mesh, num_slots, limit, check, 
 
   def fit(b) -> EngineConfig | None:
     """The largest prefill group (and its chunk) that fits beside `b` slots."""
-    for g in [min(want.prefill_group, b)] if want.prefill_group else descending(want.buckets, b, multiple):
+    top = group_cap(b, num_slots, copies)
+    for g in [min(want.prefill_group, b)] if want.prefill_group else descending(want.buckets, top, multiple):
       chunk = want.prefill_chunk
       if chunk is None and not est(b, g, None).fits:  # the longest chunk that fits: fewer, larger steps
         size = memory.MIN_CHUNK

@@ -56,16 +56,12 @@ class MemoryEstimate:
             f"{self.kv_cache / GiB:.3f}, activations {self.activations / GiB:.3f}); device limit {limit}")
 
 
-def _sizes(mesh: Mesh | None) -> dict[str, int]:
-  return {} if mesh is None else dict(zip(mesh.axis_names, mesh.axis_sizes))
-
-
 def data_shards(mesh: Mesh | None) -> int:
   """Devices the batch (slots, prefill rows) is split over."""
   if mesh is None:
     return 1
   names = dict(sharding_lib.current_rules()).get("batch") or ()
-  sizes = _sizes(mesh)
+  sizes = sharding_lib.mesh_sizes(mesh)
   return math.prod(sizes.get(a, 1) for a in ((names,) if isinstance(names, str) else names))
 
 
@@ -127,7 +123,7 @@ def estimate(model, *, slots: int, length: int, prefill_rows: int, prompt_len: i
   of `prompt_len` tokens at a time (in chunks of `chunk` tokens, or whole) and decodes `steps` tokens per
   call. Nothing is allocated."""
   c = model.config
-  sizes = _sizes(mesh)
+  sizes = sharding_lib.mesh_sizes(mesh)
   tensor = sizes.get("tensor", 1)
   kv_heads = c.num_kv_heads // tensor if c.num_kv_heads % tensor == 0 else c.num_kv_heads
   heads = c.num_heads // tensor if c.num_heads % tensor == 0 else c.num_heads
@@ -153,7 +149,8 @@ def estimate(model, *, slots: int, length: int, prefill_rows: int, prompt_len: i
     scores = 2 * heads * q_len * min(prompt_len, 512) * 4
   else:
     scores = (3 * heads * 4 + 1) * attention_lib.xla_score_elements(q_len, prompt_len, causal_only=not chunk)
-  prefill = rows * (2 * L * prompt_len * kv_heads * H * kv_item
+  # A chunked prefill holds its prefix and, when it is placed into slots, the prefix with padding zeroed.
+  prefill = rows * ((2 if chunk else 1) * 2 * L * prompt_len * kv_heads * H * kv_item
                     + scores
                     + q_len * (3 * F + 4 * D + (heads + 2 * kv_heads) * H) * item
                     + prompt_len * D * 4

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -125,12 +126,8 @@ class Spec:
 # ---------------------------------------------------------------- shardings
 
 
-def _sizes(mesh):
-  return dict(zip(mesh.axis_names, mesh.axis_sizes))
-
-
 def named(mesh: Mesh, names, shape) -> NamedSharding:
-  return NamedSharding(mesh, sharding_lib.logical_spec(names, shape, _sizes(mesh)))
+  return NamedSharding(mesh, sharding_lib.logical_spec(names, shape, sharding_lib.mesh_sizes(mesh)))
 
 
 def cache_shardings(spec: Spec) -> SlotCache:
@@ -138,7 +135,7 @@ def cache_shardings(spec: Spec) -> SlotCache:
   L, K, H = c.num_layers, c.num_kv_heads, c.head_dim
   if spec.layout == "paged":  # only whole (key, value) pairs per device
     shape = (L, spec.slots, spec.length, 2 * K, H)
-    names = ("layers", "batch", "cache_length", "kv_heads" if K % _sizes(mesh).get("tensor", 1) == 0 else None,
+    names = ("layers", "batch", "cache_length", "kv_heads" if K % sharding_lib.mesh_sizes(mesh).get("tensor", 1) == 0 else None,
              "head_dim")
     return SlotCache(named(mesh, names, shape), None)
   shape = (L, spec.slots, spec.length, K, H)
@@ -214,36 +211,36 @@ def prefill_fn(spec: Spec, rows: int, prompt: int, copies: int, chunk: int | Non
       k, v = prefix.k_LxBxSxKxH, prefix.v_LxBxSxKxH
     else:
       # Long prompts in chunks: each chunk attends to the keys before it (XLA scores [G, N, chunk, S]). The
-      # chunks run in PREFILL_PHASES loops whose key buffer S grows to the phase's last chunk, so attention
-      # reads and computes about (1 + 1 / phases) / 2 of the square rather than all of it.
+      # chunks run in PREFILL_PHASES loops, each reading keys up to its last chunk's end (S), so attention
+      # computes about (1 + 1 / phases) / 2 of the square rather than all of it.
       n = -(-P // chunk)
       tokens = jnp.pad(tokens_GxP, ((0, 0), (0, n * chunk - P)))
       ends = sorted({-(-n * (j + 1) // PREFILL_PHASES) for j in range(PREFILL_PHASES)})
 
-      def step(i, carry):
+      def step(i, carry, keys):
         prefix, last_GxD = carry
         start = i * chunk
         part_GxT = jax.lax.dynamic_slice_in_dim(tokens, start, chunk, axis=1)
-        hidden_GxTxD, prefix = model.extend(part_GxT, prefix, jnp.full((G,), start, jnp.int32), kernel="xla")
+        hidden_GxTxD, prefix = model.extend(part_GxT, prefix, jnp.full((G,), start, jnp.int32), kernel="xla",
+                                            keys=keys)
         at_G = lengths_G - 1 - start
         here_G = (at_G >= 0) & (at_G < chunk)
         row_GxD = jnp.take_along_axis(hidden_GxTxD, jnp.clip(at_G, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
         return prefix, jnp.where(here_G[:, None], row_GxD, last_GxD)
 
-      carry, start = (SlotCache.zeros(c, G, 0, spec.cache_dtype), jnp.zeros((G, c.hidden_size), c.dtype)), 0
-      for end in ends:
-        grow = ((0, 0), (0, 0), (0, (end - start) * chunk), (0, 0), (0, 0))
-        carry = jax.lax.fori_loop(start, end, step, (SlotCache(*(jnp.pad(x, grow) for x in carry[0])), carry[1]))
-        start = end
+      # The prefix in the slot cache's layout: no second copy of the prompt's keys and values to interleave.
+      prefix = SlotCache.zeros(c, G, n * chunk, spec.cache_dtype, spec.layout)
+      carry = (prefix, jnp.zeros((G, c.hidden_size), c.dtype))
+      for start, end in zip([0] + ends, ends):
+        carry = jax.lax.fori_loop(start, end, functools.partial(step, keys=end * chunk), carry)
       prefix, last_GxD = carry
-      k, v = prefix.k[:, :, :P], prefix.v[:, :, :P]
+      k, v = (x if x is None else x[:, :, :P] for x in prefix)
     logits_GxV = model.logits(last_GxD[:, None])[:, 0]
     # Padding positions get zeros: finite values, whatever the kernel made of them.
     keep = real_GxP[None, :, :, None, None]
-    k = jnp.where(keep, k, 0).astype(cache.k.dtype)
-    v = jnp.where(keep, v, 0).astype(cache.k.dtype)
+    k, v = (x if x is None else jnp.where(keep, x, 0).astype(cache.k.dtype) for x in (k, v))
     if spec.layout == "paged":
-      kv = jnp.stack([k, v], axis=-2).reshape(*k.shape[:3], 2 * k.shape[3], k.shape[4])
+      kv = k if v is None else jnp.stack([k, v], axis=-2).reshape(*k.shape[:3], 2 * k.shape[3], k.shape[4])
       new_k = cache.k
       for j in range(copies):
         new_k = new_k.at[:, dest_GxC[:, j], :P].set(kv, mode="drop")

@@ -301,7 +301,7 @@ def _per_device(fn, args, arg_axes, out_axes):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return fn(*args)
-  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  sizes = sharding_lib.mesh_sizes(mesh)
   q, k = args[0], args[1]
   tensor = sizes.get("tensor", 1)
   heads_split = tensor > 1 and q.shape[2] % tensor == 0 and k.shape[2] % tensor == 0
@@ -359,23 +359,25 @@ def slot_layout(kernel: str) -> str:
   return "paged" if kernel == "ragged" else "split"
 
 
-def _layer_kv(cache_k, cache_v, layer):
-  """One layer's keys and values [B, S, K, H] of a split or paged cache."""
+def _layer_kv(cache_k, cache_v, layer, keys: int | None = None):
+  """One layer's keys and values [B, S, K, H] of a split or paged cache (its first `keys` positions: S)."""
+  _, B, S, C, H = cache_k.shape
+  take = lambda x: jax.lax.dynamic_slice(x, (layer, 0, 0, 0, 0), (1, B, keys or S, C, H))[0]
   if cache_v is not None:
-    return (jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False),
-            jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False))
-  kv_BxSx2KxH = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False)
+    return take(cache_k), take(cache_v)
+  kv_BxSx2KxH = take(cache_k)
   return kv_BxSx2KxH[:, :, 0::2], kv_BxSx2KxH[:, :, 1::2]
 
 
-def attend_slots(q_BxTxNxH, cache_k, cache_v, layer, kv_lengths_B, *, kernel: str = "xla"):
+def attend_slots(q_BxTxNxH, cache_k, cache_v, layer, kv_lengths_B, *, kernel: str = "xla", keys: int | None = None):
   """Attention of each row's T new queries (its last T positions, already written to the cache) to that
   row's live keys [0, kv_lengths_B). `cache_k`/`cache_v` hold every layer ([L, B, S, K, H]; paged layout:
-  cache_k is [L, B, S, 2K, H] and cache_v None); `layer` may be traced. Returns [B, T, N, H] in q's dtype."""
+  cache_k is [L, B, S, 2K, H] and cache_v None); `layer` may be traced; `keys` (static, >= every row's
+  length) bounds the positions XLA reads. Returns [B, T, N, H] in q's dtype."""
   B, T, N, H = q_BxTxNxH.shape
   if kernel == "ragged":
     return _attend_ragged(q_BxTxNxH, cache_k, layer, kv_lengths_B)
-  k_BxSxKxH, v_BxSxKxH = _layer_kv(cache_k, cache_v, layer)
+  k_BxSxKxH, v_BxSxKxH = _layer_kv(cache_k, cache_v, layer, keys)
   if kernel == "cudnn" and T == 1:
     dtype = q_BxTxNxH.dtype
     q, k, v = q_BxTxNxH, k_BxSxKxH.astype(dtype), v_BxSxKxH.astype(dtype)
@@ -430,7 +432,7 @@ def _attend_ragged(q_BxTxNxH, cache_k, layer, kv_lengths_B, reference: bool = Fa
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return local(q_BxTxNxH, cache_k, layer, kv_lengths_B)
-  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  sizes = sharding_lib.mesh_sizes(mesh)
   B, T, N, H = q_BxTxNxH.shape
   L, _, S, C, _ = cache_k.shape
   batch = sharding_lib.logical_spec(("batch",), (B,), sizes)[0]

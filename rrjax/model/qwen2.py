@@ -567,11 +567,12 @@ class Qwen2(nnx.Module):
       cache = KVCache(k_cache, v_cache, cache_segment_BxS, cache.index + T)
     return hidden, cache
 
-  def extend(self, tokens_BxT, cache: SlotCache, lengths_B, *, kernel: str = "xla"):
+  def extend(self, tokens_BxT, cache: SlotCache, lengths_B, *, kernel: str = "xla", keys: int | None = None):
     """Appends T tokens to every row of a right-padded slot cache: row b's tokens take positions (RoPE
     and cache slots alike) lengths_B[b] + [0, T) and attend to the row's keys up to their own position.
     Returns (final-norm hidden states [B, T, D], the updated cache). Writes past the cache's end are
-    dropped; what lies past a row's length is never read. `kernel`: see attention.slot_kernel."""
+    dropped; what lies past a row's length is never read. `kernel`: see attention.slot_kernel; `keys`: a
+    static bound on every row's length + T, the cache positions attention reads (XLA)."""
     B, T = tokens_BxT.shape
     lengths_B = lengths_B.astype(jnp.int32)
     positions_BxT = lengths_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
@@ -584,7 +585,7 @@ class Qwen2(nnx.Module):
       else:
         k_cache = k_cache.at[index, rows_Bx1, positions_BxT].set(k.astype(k_cache.dtype), mode="drop")
         v_cache = v_cache.at[index, rows_Bx1, positions_BxT].set(v.astype(v_cache.dtype), mode="drop")
-      out = attention_lib.attend_slots(q, k_cache, v_cache, index, lengths_B + T, kernel=kernel)
+      out = attention_lib.attend_slots(q, k_cache, v_cache, index, lengths_B + T, kernel=kernel, keys=keys)
       return out, k_cache, v_cache
 
     hidden, (k_cache, v_cache) = self._decoder(tokens_BxT, positions_BxT, (cache.k, cache.v), attend)
