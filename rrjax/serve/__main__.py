@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 from typing import Sequence
 
@@ -81,6 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
                           lifespan="on")
   server = uvicorn.Server(config)
+  # uvicorn drains on SIGTERM (no new connections, in-flight requests finish, then the lifespan closes the
+  # reranker) and afterwards re-raises the signal to the handler it found: a no-op one makes that exit 0.
+  signal.signal(signal.SIGTERM, lambda *_: None)
   print(f"rrjax.serve: {args.model} ({settings.mode}, window "
         f"{settings.window}, stride {settings.stride}, {settings.max_new_tokens} new tokens) on "
         f"http://{args.host}:{args.port}", file=sys.stderr, flush=True)
