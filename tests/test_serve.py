@@ -302,9 +302,11 @@ def test_sigterm_under_load_finishes_in_flight_requests_and_exits_0(digits_dir, 
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
       futures = [pool.submit(httpx.post, f"{s.url}/v1/rerank", json=_request(q), timeout=120)
                  for q in dl19_queries[:6]]
-      deadline = time.monotonic() + 30
-      while s.metric("rrjax_pending_windows") < 12 and time.monotonic() < deadline:
+      deadline, pending = time.monotonic() + 30, 0.0
+      while pending < 12 and time.monotonic() < deadline:  # all six accepted (two windows each), none answered
         time.sleep(0.02)
+        pending = s.metric("rrjax_pending_windows")
+      assert pending > 0
       s.proc.send_signal(signal.SIGTERM)
       statuses = [f.result().status_code for f in futures]
     assert statuses == [200] * 6

@@ -217,11 +217,16 @@ class Reranker:
     return job.future
 
   def cancel(self, job: _Job) -> None:
-    """Drops a job's queued windows; the future raises Cancelled (a no-op once the job finished)."""
+    """Drops a job's windows (its future raises Cancelled; a no-op once it finished). Its windows stop counting
+    at once; the worker removes the queued ones from the engine at its next turn, and ignores the answer of
+    one already decoding."""
     with self._cond:
       if job.future.done() or job.cancelled:
         return
       job.cancelled = True
+      self.windows_left -= job.windows.left
+      self.counters["cancelled"] += 1
+      job.future.set_exception(Cancelled("cancelled"))
       self._cancels.append(job)
       self._cond.notify()
 
@@ -292,9 +297,6 @@ class Reranker:
     self.backend.cancel(lambda p: self._owner.get(id(p)) is job)
     for key in [k for k, j in self._owner.items() if j is job]:
       del self._owner[key]  # an answer from a slot it still holds is ignored (its prompt is unknown)
-    self.windows_left -= job.windows.left
-    self.counters["cancelled"] += 1
-    job.future.set_exception(Cancelled("cancelled"))
 
   def _run(self) -> None:
     while True:
@@ -306,8 +308,7 @@ class Reranker:
         inbox, self._inbox = self._inbox, []
         cancels, self._cancels = self._cancels, []
         for job in cancels:
-          if not job.future.done():
-            self._drop(job)
+          self._drop(job)
         for job in inbox:
           if job.cancelled:
             continue
@@ -327,8 +328,8 @@ class Reranker:
       except Exception as e:  # a failing engine fails the requests it held, not the worker
         with self._cond:
           for job in {id(j): j for j in self._owner.values()}.values():
-            self.windows_left -= job.windows.left
-            if not job.future.done():
+            if not job.cancelled and not job.future.done():
+              self.windows_left -= job.windows.left
               job.future.set_exception(e)
           self._owner.clear()
           self.backend = ModelBackend(self.model, self.tokenizer, self.settings, mesh=self.mesh, eager=True,
