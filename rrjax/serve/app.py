@@ -118,7 +118,9 @@ class _EngineCollector:
     for name, value, doc in (("rrjax_windows", s["windows"], "windows answered"),
                              ("rrjax_generated_tokens", s["completion_tokens"], "tokens generated"),
                              ("rrjax_prompt_tokens", s["prompt_tokens"], "window prompt tokens prefilled"),
-                             ("rrjax_cancelled_requests", s["cancelled"], "requests cancelled (deadline, disconnect)")):
+                             ("rrjax_cancelled_requests", s["cancelled"], "requests cancelled (deadline, disconnect)"),
+                             ("rrjax_slot_steps", e.get("slot_steps", 0), "decode steps times slots"),
+                             ("rrjax_live_slot_steps", e.get("live_slot_steps", 0), "slot-steps that advanced a window")):
       c = CounterMetricFamily(name, doc)
       c.add_metric([], value)
       yield c
