@@ -357,3 +357,38 @@ def test_reranker_async_callers_share_one_engine(digits_dir, dl19_queries):
     assert reranker.stats()["engine"]["engines"] == 1  # one engine served all three rounds
     with pytest.raises(ValueError, match="^documents\\[1\\]: a string or an object"):
       reranker.rerank("q", ["a", 3])
+
+
+def test_cancel_drops_a_queued_window_before_it_is_prefilled(digits_dir, dl19_queries):
+  """One slot: B's window waits while A decodes; cancelled, it is never prefilled and A is unaffected."""
+  from rrjax.serve import Cancelled, Reranker
+
+  with Reranker.load(digits_dir, window=10, stride=5, max_passage_tokens=30, max_new_tokens=48, batch_size=1) as r:
+    a = r.plan(dl19_queries[0].text, [c.doc for c in dl19_queries[0].candidates[:15]])
+    b = r.plan(dl19_queries[1].text, [c.doc for c in dl19_queries[1].candidates[:15]])
+    fa, fb = r.submit(a), r.submit(b)
+    deadline = time.monotonic() + 60
+    while r.stats()["windows_queued"] < 1 and time.monotonic() < deadline:
+      time.sleep(0.01)
+    assert not fb.done() and r.stats()["windows_queued"] >= 1
+    r.cancel(b)
+    assert r.stats()["windows_left"] == a.windows.left  # B stops counting at once
+    with pytest.raises(Cancelled):
+      fb.result(timeout=60)
+    assert len(fa.result(timeout=120).windows) == 2
+    stats = r.stats()
+    assert stats["windows"] == 2 and stats["engine"]["prefill_rows"] == 2 and stats["cancelled"] == 1
+
+
+def test_reranker_loads_a_gin_file_naming_its_model(digits_dir, tmp_path):
+  from rrjax.serve import Reranker
+
+  gin = tmp_path / "serve.gin"
+  gin.write_text(f"Reranker.model = {digits_dir!r}\nRerankSettings.window = 10\nRerankSettings.max_new_tokens = 8\n")
+  with Reranker.load(str(gin), stride=5) as r:
+    assert (r.settings.window, r.settings.stride, r.settings.max_new_tokens) == (10, 5, 8) and r.name == digits_dir
+  (tmp_path / "nomodel.gin").write_text("RerankSettings.window = 10\n")
+  with pytest.raises(ValueError, match="Reranker.model"):
+    Reranker.load(str(tmp_path / "nomodel.gin"))
+  with pytest.raises(ValueError, match="unknown RerankSettings field"):
+    Reranker.load(digits_dir, windw=3)

@@ -225,6 +225,8 @@ def rerank_listwise_async(queries: Sequence[Query], completer: Completer, tokeni
   """The windows of rerank_listwise, each query advancing on its own (see the module docstring): a query's
   next window is queued the moment its previous one is answered, before queries not started yet, most
   windows left first. `progress(1)` is called per answered window."""
+  if top_k <= 0:
+    raise ValueError(f"top_k must be positive, got {top_k}")
   states = [QueryWindows(q, tokenizer, window=window, stride=stride, top_k=top_k,
                          max_passage_tokens=max_passage_tokens, prompt_mode=prompt_mode, full_list=full_list)
             for q in queries]
