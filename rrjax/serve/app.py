@@ -120,7 +120,7 @@ class _EngineCollector:
                              ("rrjax_prompt_tokens", s["prompt_tokens"], "window prompt tokens prefilled"),
                              ("rrjax_cancelled_requests", s["cancelled"], "requests cancelled (deadline, disconnect)"),
                              ("rrjax_slot_steps", e.get("slot_steps", 0), "decode steps times slots"),
-                             ("rrjax_live_slot_steps", e.get("live_slot_steps", 0), "slot-steps that advanced a window")):
+                             ("rrjax_live_slot_steps", e.get("live_slot_steps", 0), "slot-steps advancing a window")):
       c = CounterMetricFamily(name, doc)
       c.add_metric([], value)
       yield c
