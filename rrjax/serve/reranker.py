@@ -255,7 +255,14 @@ class Reranker:
   def stats(self) -> dict:
     """Counters, the backend engine's shapes and occupancy, the windows queued and in slots."""
     with self._cond:
-      engine = dict(self.backend.engine)
+      for _ in range(10):  # the worker may be adding a key (an engine being replaced) while we copy
+        try:
+          engine = dict(self.backend.engine)
+          break
+        except RuntimeError:
+          time.sleep(0.001)
+      else:
+        engine = {}
       live = self.backend.live_engine
       if live is not None:  # the running engine's counters are accounted when it is replaced
         for key, value in live.stats.as_dict().items():
