@@ -296,6 +296,7 @@ def test_a_client_that_leaves_has_its_windows_cancelled(strict_server, dl19_quer
   assert s.metric("rrjax_pending_windows") == 0 and s.client.get("/health").status_code == 200
 
 
+@pytest.mark.slow
 def test_sigterm_under_load_finishes_in_flight_requests_and_exits_0(digits_dir, dl19_queries):
   s = Server(digits_dir, *SETTINGS, "--max-new-tokens", "16")
   try:
@@ -315,6 +316,19 @@ def test_sigterm_under_load_finishes_in_flight_requests_and_exits_0(digits_dir, 
       httpx.get(f"{s.url}/health", timeout=2)
   finally:
     s.stop()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gin_param", "RerankSettings.windw = 3"], "rrjax.serve: error: gin binding 'RerankSettings.windw = 3': "
+     "unknown RerankSettings field(s) windw"),
+    (["--max-documents", "101"], "rrjax.serve: error: --max-documents 101 exceeds RerankSettings.top_k 100"),
+    (["--gin_param", "RerankSettings.mode = 'pointwise'"], "rrjax.serve: error: mode: the server runs listwise"),
+])
+def test_bad_flags_are_one_line_and_exit_2(digits_dir, flags, message):
+  proc = subprocess.run([sys.executable, "-m", "rrjax.serve", "--model", digits_dir, "--port", str(_free_port()),
+                         *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), proc.stderr[-2000:]
 
 
 # ---------------------------------------------------------------- the library
