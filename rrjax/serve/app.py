@@ -19,7 +19,7 @@ import json
 import math
 import time
 import uuid
-from typing import Any, Union
+from typing import Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
