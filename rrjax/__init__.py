@@ -15,6 +15,7 @@ _LAZY = {
     "generate": "rrjax.decode",
     "Generation": "rrjax.decode",
     "EngineConfig": "rrjax.engine.config",
+    "Reranker": "rrjax.serve.reranker",
 }
 
 __all__ = sorted(_LAZY)

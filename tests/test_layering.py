@@ -100,7 +100,8 @@ def test_the_package_uses_its_modules_not_its_facade():
 
 @pytest.mark.parametrize("lower, upper", [
     ("rrjax.model", "rrjax.engine"), ("rrjax.engine", "rrjax.decode"), ("rrjax.decode", "rrjax.rerank"),
-    ("rrjax.ranking", "rrjax.rerank"), ("rrjax.model", "rrjax.train")])
+    ("rrjax.ranking", "rrjax.rerank"), ("rrjax.model", "rrjax.train"), ("rrjax.rerank", "rrjax.serve"),
+    ("rrjax.engine", "rrjax.serve")])
 def test_layers(graph, lower, upper):
   assert lower in _reach(graph, upper), f"{upper} is expected to build on {lower}"
   assert upper not in _reach(graph, lower), f"{lower} must not import {upper} (even indirectly)"
@@ -109,19 +110,20 @@ def test_layers(graph, lower, upper):
 def test_model_knows_nothing_of_ranking_data_training(graph):
   reached = _reach(graph, "rrjax.model")
   for name in ("rrjax.ranking", "rrjax.data", "rrjax.train", "rrjax.rerank", "rrjax.synth", "rrjax.decode",
-               "rrjax.engine", "rrjax.checkpoints", "rrjax.demo"):
+               "rrjax.engine", "rrjax.checkpoints", "rrjax.demo", "rrjax.serve"):
     assert name not in reached, f"rrjax.model reaches {name}"
 
 
 def test_ranking_knows_nothing_of_models_or_engines(graph):
   """Ranking semantics are model-free: the backend that runs a model on the engine lives in rrjax.rerank."""
   reached = _reach(graph, "rrjax.ranking")
-  for name in ("rrjax.model", "rrjax.engine", "rrjax.decode", "rrjax.rerank", "rrjax.checkpoints"):
+  for name in ("rrjax.model", "rrjax.engine", "rrjax.decode", "rrjax.rerank", "rrjax.checkpoints", "rrjax.serve"):
     assert name not in reached, f"rrjax.ranking reaches {name}"
 
 
 def test_reranking_needs_no_training_stack(graph):
-  for start in ("rrjax.rerank", "rrjax.ranking", "rrjax.decode", "rrjax.engine", "rrjax.checkpoints", "rrjax.eval"):
+  for start in ("rrjax.rerank", "rrjax.ranking", "rrjax.decode", "rrjax.engine", "rrjax.checkpoints", "rrjax.eval",
+                "rrjax.serve"):
     assert "rrjax.train" not in _reach(graph, start) | {start}, f"{start} reaches rrjax.train"
 
 

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BUILD_INPUTS = ("pyproject.toml", "setup.py", "README.md", "rrjax", "configs")
 TEST_ONLY = ("torch", "transformers", "pytest", "hypothesis", "pytrec_eval")
 SCRIPTS = ("rrjax-train", "rrjax-rerank", "rrjax-eval", "rrjax-export", "rrjax-synth", "rrjax-demo", "rrjax-bright",
-           "rrjax-retrieve")
+           "rrjax-retrieve", "rrjax-serve")
 DL19 = ROOT / "tests" / "data" / "trec" / "dl19"
 
 # Runs inside the new venv: where rrjax comes from, and every gin file through its entry point's parser.

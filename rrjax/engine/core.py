@@ -165,6 +165,15 @@ class Engine:
     heapq.heappush(self._queue, [r.priority, seq, r, 0, r.copies])
     return seq
 
+  def cancel(self, drop) -> list[Request]:
+    """Removes the queued requests (not yet in a slot) for which `drop(request)` is true; returns them. Rows
+    already decoding run on (a server drops their answers)."""
+    dropped = [e[2] for e in self._queue if drop(e[2])]
+    if dropped:
+      self._queue = [e for e in self._queue if not drop(e[2])]
+      heapq.heapify(self._queue)
+    return dropped
+
   @property
   def pending(self) -> int:
     """Queued copies not yet in a slot."""

@@ -175,6 +175,49 @@ class BatchCompleter:
     return list(zip(prompts, outs))
 
 
+class QueryWindows:
+  """One query's windows as a state machine (the async schedule's unit): `prompt()` builds the next window's
+  prompt from the current order, `answer(prompt, out)` applies its permutation; `done` after the last window,
+  then `ranked()`. Each window depends only on this query's previous ones, so a query's ranking does not
+  depend on what else is scheduled."""
+
+  def __init__(self, query: Query, tokenizer, *, window: int = 20, stride: int = 10, top_k: int = 100,
+               max_passage_tokens: int | None = 512, prompt_mode: str = "reasoning", full_list: bool = False):
+    if top_k <= 0:
+      raise ValueError(f"top_k must be positive, got {top_k}")
+    self.query, self.tokenizer = query, tokenizer
+    self.max_passage_tokens, self.prompt_mode = max_passage_tokens, prompt_mode
+    self.state = list(query.candidates[:top_k])
+    self.plan = full_list_window(len(self.state)) if full_list else sliding_windows(len(self.state), window, stride)
+    self.logs: list[WindowLog] = []
+
+  @property
+  def left(self) -> int:
+    """Windows not answered yet."""
+    return len(self.plan) - len(self.logs)
+
+  @property
+  def done(self) -> bool:
+    return not self.left
+
+  def prompt(self) -> WindowPrompt:
+    start, end = self.plan[len(self.logs)]
+    docs = self.state[start:end]
+    text = build_prompt(self.query.text, [c.doc for c in docs], self.tokenizer,
+                        max_passage_tokens=self.max_passage_tokens, mode=self.prompt_mode)
+    return WindowPrompt(text, qid=self.query.qid, start=start, end=end, docids=[c.docid for c in docs])
+
+  def answer(self, prompt: WindowPrompt, out: str | Completion) -> None:
+    out = _completion(out)
+    perm, source = parse_permutation_with_source(out.text, prompt.end - prompt.start)
+    self.state = apply_permutation(self.state, prompt.start, prompt.end, perm)
+    self.logs.append(WindowLog(prompt.start, prompt.end, out.prompt_tokens, out.generated_tokens, out.finish_reason,
+                               source))
+
+  def ranked(self) -> Ranked:
+    return Ranked(self.query.qid, tuple(self.state), tuple(self.logs))
+
+
 def rerank_listwise_async(queries: Sequence[Query], completer: Completer, tokenizer, *, window: int = 20,
                           stride: int = 10, top_k: int = 100, max_passage_tokens: int | None = 512,
                           prompt_mode: str = "reasoning", full_list: bool = False,
@@ -184,46 +227,31 @@ def rerank_listwise_async(queries: Sequence[Query], completer: Completer, tokeni
   windows left first. `progress(1)` is called per answered window."""
   if top_k <= 0:
     raise ValueError(f"top_k must be positive, got {top_k}")
-  states = [list(q.candidates[:top_k]) for q in queries]
-  plans = [full_list_window(len(s)) if full_list else sliding_windows(len(s), window, stride) for s in states]
-  logs: list[list[WindowLog]] = [[] for _ in queries]
-  done = [0] * len(queries)
+  states = [QueryWindows(q, tokenizer, window=window, stride=stride, top_k=top_k,
+                         max_passage_tokens=max_passage_tokens, prompt_mode=prompt_mode, full_list=full_list)
+            for q in queries]
   owner: dict[int, int] = {}  # id(prompt) -> query index
 
   def submit(i: int) -> None:
-    start, end = plans[i][done[i]]
-    docs = states[i][start:end]
-    text = build_prompt(queries[i].text, [c.doc for c in docs], tokenizer, max_passage_tokens=max_passage_tokens,
-                        mode=prompt_mode)
-    prompt = WindowPrompt(text, qid=queries[i].qid, start=start, end=end, docids=[c.docid for c in docs])
+    prompt = states[i].prompt()
     owner[id(prompt)] = i
-    left = len(plans[i]) - done[i]
-    completer.submit(prompt, (0 if done[i] else 1, -left, i))  # continuing queries first, most windows left
+    completer.submit(prompt, (0 if states[i].logs else 1, -states[i].left, i))  # continuing first, most left
 
-  pending = 0
-  for i, plan in enumerate(plans):
-    if plan:
+  for i, state in enumerate(states):
+    if not state.done:
       submit(i)
-      pending += 1
-  while pending:
+  while owner:
     answered = completer.poll()
     if not answered:
-      raise ValueError(f"the completer returned nothing with {pending} prompts pending")
+      raise ValueError(f"the completer returned nothing with {len(owner)} prompts pending")
     for prompt, out in answered:
       i = owner.pop(id(prompt))
-      out = _completion(out)
-      perm, source = parse_permutation_with_source(out.text, prompt.end - prompt.start)
-      states[i] = apply_permutation(states[i], prompt.start, prompt.end, perm)
-      logs[i].append(WindowLog(prompt.start, prompt.end, out.prompt_tokens, out.generated_tokens, out.finish_reason,
-                               source))
-      done[i] += 1
-      pending -= 1
-      if done[i] < len(plans[i]):
+      states[i].answer(prompt, out)
+      if not states[i].done:
         submit(i)
-        pending += 1
       if progress is not None:
         progress(1)
-  return [Ranked(q.qid, tuple(s), tuple(log)) for q, s, log in zip(queries, states, logs)]
+  return [s.ranked() for s in states]
 
 
 def count_windows(num_candidates: Sequence[int], *, window: int = 20, stride: int = 10, top_k: int = 100,

@@ -88,8 +88,8 @@ class ModelBackend:
 
   # ---------------------------------------------------------------- listwise on a kept engine
 
-  def _budget(self, prompt) -> tuple[int, int, tuple[int, ...]]:
-    """(max_new, min_new, stop ids) of a window."""
+  def _budget(self, prompt, max_new_tokens: int | None = None) -> tuple[int, int, tuple[int, ...]]:
+    """(max_new, min_new, stop ids) of a window; `max_new_tokens` (a server request's) overrides the settings'."""
     s = self.settings
     if self.budget is not None:
       n = int(self.budget(prompt))
@@ -98,7 +98,8 @@ class ModelBackend:
       n = getattr(prompt, "end", 0) - getattr(prompt, "start", 0) or s.window
       budget = self._answer_budget(n)
       return budget, budget, tuple(self.tokenizer.stop_ids)
-    return s.max_new_tokens, s.min_new_tokens, tuple(self.tokenizer.stop_ids)
+    max_new = s.max_new_tokens if max_new_tokens is None else max_new_tokens
+    return max_new, min(s.min_new_tokens, max_new), tuple(self.tokenizer.stop_ids)
 
   def _request_id(self, prompt) -> int:
     """A window's sampling stream: from its query and span, so that it does not depend on the schedule."""
@@ -108,10 +109,10 @@ class ModelBackend:
     self._ids[base] = used + 1
     return (base + used) & 0x7FFFFFFF
 
-  def submit(self, prompt, priority: Any = 0) -> None:
+  def submit(self, prompt, priority: Any = 0, max_new_tokens: int | None = None) -> None:
     s = self.settings
     ids = self.tokenizer.encode(prompt)
-    max_new, min_new, stops = self._budget(prompt)
+    max_new, min_new, stops = self._budget(prompt, max_new_tokens)
     request = engine_lib.Request(ids, max_new, min_new, stops, s.temperature, s.top_p, s.seed,
                                  id=self._request_id(prompt), priority=priority, tag=prompt)
     eng = self._engine
@@ -119,6 +120,24 @@ class ModelBackend:
       eng.submit(request)
     else:  # no engine yet, or its slots are too short: wait for the next one (the current one drains)
       self._waiting.append(request)
+
+  def cancel(self, drop: Callable[[Any], bool]) -> int:
+    """Drops the queued windows (not yet decoding) whose prompt `drop(prompt)` selects; returns how many."""
+    before = len(self._waiting)
+    self._waiting = [r for r in self._waiting if not drop(r.tag)]
+    n = before - len(self._waiting)
+    if self._engine is not None:
+      n += len(self._engine.cancel(lambda r: drop(r.tag)))
+    return n
+
+  @property
+  def queued(self) -> int:
+    """Windows submitted and not yet in a decode slot."""
+    return len(self._waiting) + (self._engine.pending if self._engine is not None else 0)
+
+  @property
+  def live_engine(self) -> engine_lib.Engine | None:
+    return self._engine
 
   def _new_engine(self) -> engine_lib.Engine:
     longest = max(self._waiting, key=lambda r: len(r.prompt) + r.max_new_tokens)
