@@ -84,7 +84,9 @@ def descending(buckets: Buckets, n: int, multiple: int) -> list[int]:
   return sizes
 
 
-HEADROOM = 0.10  # of the memory budget, never planned for
+# Of the memory budget, never planned for: what the estimate does not see (fragmentation, runtime buffers; the
+# compiled programs come within a few percent of it).
+HEADROOM = 0.10
 _PLANS: dict = {}  # plan's arguments -> its config: shapes already seen are neither planned nor estimated again
 
 
@@ -97,8 +99,8 @@ def plan(model, want: EngineConfig, *, prompt_len: int, mesh: Mesh | None = None
          copies: int = 1, memory_limit_bytes: int | None = None, check: bool = True,
          what: str = "a request") -> EngineConfig:
   """`want` resolved for prompts of up to `prompt_len` positions within the budget (`memory_limit_bytes`, else
-  the devices' limit or the host's memory on CPU) less HEADROOM, with its estimate (its `limit` is the budget
-  planned for): slots left at 0 become the most, up to `num_slots` rows (`copies` per prompt), that fit; an
+  the devices' limit or the host's memory on CPU) less HEADROOM, with its estimate (its `limit` the budget, its
+  `headroom` the part kept free): slots left at 0 become the most, up to `num_slots` rows (`copies` per prompt), that fit; an
   unset prefill group the most prompts, up to what one prefill can take (`group_cap`), that fit beside them.
   Without `check`, fixed slots are taken as given (no estimate: the compiler measures). Raises
   DecodeMemoryError naming `what`, the sizes and the slots that would fit. Kept per argument (the model's config
@@ -124,15 +126,13 @@ def _plan(model, want: EngineConfig, prompt_len, mesh, num_slots, copies, limit,
   want = dataclasses.replace(resolved, prefill_group=want.prefill_group)  # unset: searched below
   multiple = memory.data_shards(mesh)
   weights = memory.weight_bytes(model, mesh)
-  # HEADROOM of the budget stays free for what the estimate does not see (fragmentation, runtime buffers):
-  # the compiled programs run up to a few percent over it.
-  limit = int((limit if limit is not None else memory.budget(mesh, weights=weights)) * (1 - HEADROOM))
+  limit = limit if limit is not None else memory.budget(mesh, weights=weights)
 
   def est(b, g, ch):
     return memory.estimate(model, slots=b, length=want.length, prefill_rows=g, prompt_len=prompt_len, chunk=ch,
                            cache_dtype=want.cache_dtype, mesh=mesh, steps=want.steps_per_call,
                            return_logits=want.return_logits, stop_slots=want.stop_slots, memory_limit_bytes=limit,
-                           weights=weights)
+                           weights=weights, headroom=HEADROOM)
 
   def fit(b) -> EngineConfig | None:
     """The largest prefill group (and its chunk) that fits beside `b` slots."""

@@ -41,6 +41,7 @@ class MemoryEstimate:
   kv_cache: int
   activations: int
   limit: int | None
+  headroom: float = 0.0  # of the limit kept free: what fits stays below (1 - headroom) x limit
 
   @property
   def total(self) -> int:
@@ -48,10 +49,11 @@ class MemoryEstimate:
 
   @property
   def fits(self) -> bool:
-    return self.limit is None or self.total <= self.limit
+    return self.limit is None or self.total <= self.limit * (1 - self.headroom)
 
   def describe(self) -> str:
-    limit = "unknown" if self.limit is None else f"{self.limit / GiB:.3f} GiB"
+    limit = "unknown" if self.limit is None else f"{self.limit / GiB:.3f} GiB" + (
+        f" (of which {self.headroom:.0%} is kept free)" if self.headroom else "")
     return (f"{self.total / GiB:.3f} GiB per device (weights {self.weights / GiB:.3f}, KV cache "
             f"{self.kv_cache / GiB:.3f}, activations {self.activations / GiB:.3f}); device limit {limit}")
 
@@ -118,7 +120,8 @@ def fused_prefill(config: Qwen2Config) -> bool:
 
 def estimate(model, *, slots: int, length: int, prefill_rows: int, prompt_len: int, chunk: int | None = None,
              cache_dtype: str, mesh: Mesh | None = None, steps: int = 64, return_logits: bool = False,
-             stop_slots: int = 8, memory_limit_bytes: int | None = None, weights: int | None = None) -> MemoryEstimate:
+             stop_slots: int = 8, memory_limit_bytes: int | None = None, weights: int | None = None,
+             headroom: float = 0.0) -> MemoryEstimate:
   """Per-device peak of an engine of `slots` x `length` cache positions that prefills `prefill_rows` prompts
   of `prompt_len` tokens at a time (in chunks of `chunk` tokens, or whole) and decodes `steps` tokens per
   call. Nothing is allocated."""
@@ -161,4 +164,4 @@ def estimate(model, *, slots: int, length: int, prefill_rows: int, prompt_len: i
                           + steps * (8 + (vocab * 4 if return_logits else 0)))
   if memory_limit_bytes is None:
     memory_limit_bytes = budget(mesh, weights=weights)
-  return MemoryEstimate(int(weights), int(cache), int(max(prefill, decode)), memory_limit_bytes)
+  return MemoryEstimate(int(weights), int(cache), int(max(prefill, decode)), memory_limit_bytes, headroom)
