@@ -63,7 +63,8 @@ class EngineConfig:
 def decode_kernel(config, cache_dtype: str, mesh: Mesh | None = None) -> str:
   """The attention kernel of the decode program, for the platform programs are built for."""
   return attention_lib.slot_kernel(config.attention, dtype=cache_dtype, num_heads=config.num_heads,
-                                   num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, tensor=sharding_lib.mesh_sizes(mesh).get("tensor", 1))
+                                   num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
+                                   tensor=sharding_lib.mesh_sizes(mesh).get("tensor", 1))
 
 
 def default_cache_dtype(config) -> str:
@@ -100,8 +101,9 @@ def plan(model, want: EngineConfig, *, prompt_len: int, mesh: Mesh | None = None
          what: str = "a request") -> EngineConfig:
   """`want` resolved for prompts of up to `prompt_len` positions within the budget (`memory_limit_bytes`, else
   the devices' limit or the host's memory on CPU) less HEADROOM, with its estimate (its `limit` the budget, its
-  `headroom` the part kept free): slots left at 0 become the most, up to `num_slots` rows (`copies` per prompt), that fit; an
-  unset prefill group the most prompts, up to what one prefill can take (`group_cap`), that fit beside them.
+  `headroom` the part kept free): slots left at 0 become the most, up to `num_slots` rows (`copies` per
+  prompt), that fit; an unset prefill group the most prompts, up to what one prefill can take (`group_cap`),
+  that fit beside them.
   Without `check`, fixed slots are taken as given (no estimate: the compiler measures). Raises
   DecodeMemoryError naming `what`, the sizes and the slots that would fit. Kept per argument (the model's config
   stands for its weights), so the budget is read when a shape is first seen."""
@@ -154,8 +156,8 @@ def _plan(model, want: EngineConfig, prompt_len, mesh, num_slots, copies, limit,
       return planned
   b = want.slots or multiple
   need = est(b, min(want.prefill_group or b, b), want.prefill_chunk)
-  sizes = (f"{what}: {b} slot{'s' * (b > 1)} of {prompt_len} prompt + {want.length - prompt_len} new-token positions (cache "
-           f"{want.cache_dtype}) need {need.describe()}")
+  sizes = (f"{what}: {b} slot{'s' * (b > 1)} of {prompt_len} prompt + {want.length - prompt_len} new-token "
+           f"positions (cache {want.cache_dtype}) need {need.describe()}")
   if fewer := next((s for s in descending(want.buckets, b, multiple)[1:] if fit(s)), None):
     raise memory.DecodeMemoryError(f"{sizes}; at most {fewer} slots fit: try batch_size={fewer}")
   at = "1 slot" if multiple == 1 else f"{multiple} slots (one per data shard)"

@@ -135,8 +135,8 @@ def cache_shardings(spec: Spec) -> SlotCache:
   L, K, H = c.num_layers, c.num_kv_heads, c.head_dim
   if spec.layout == "paged":  # only whole (key, value) pairs per device
     shape = (L, spec.slots, spec.length, 2 * K, H)
-    names = ("layers", "batch", "cache_length", "kv_heads" if K % sharding_lib.mesh_sizes(mesh).get("tensor", 1) == 0 else None,
-             "head_dim")
+    whole = K % sharding_lib.mesh_sizes(mesh).get("tensor", 1) == 0
+    names = ("layers", "batch", "cache_length", "kv_heads" if whole else None, "head_dim")
     return SlotCache(named(mesh, names, shape), None)
   shape = (L, spec.slots, spec.length, K, H)
   axes = SlotCache.logical_axes()
