@@ -19,7 +19,7 @@ from rrjax.ranking import rerank_loop as loop
 from rrjax.ranking.pointwise import rank1_label_ids, rank1_reasoning
 from rrjax.sampling import Sampling
 
-HEADROOM = 1.25  # slot prompt room over the longest prompt seen: later windows of a query may be longer
+PROMPT_ROOM = 1.25  # slot prompt room over the longest prompt seen: later windows of a query may be longer
 _SHAPES = ("slots", "prefill_group", "prefill_chunk", "slot_length", "estimate_bytes")
 # Rank1's scoring pass: one greedy step over prompt + reasoning + `</think>`, its logits kept.
 SCORING = EngineConfig(return_logits=True, buckets=decode.Buckets(min_new_tokens=1))
@@ -33,11 +33,11 @@ def sampling(settings) -> Sampling:
 def listwise_engine(model, settings, *, prompt_tokens: int, max_new_tokens: int, num_slots: int, mesh=None,
                     memory_limit_bytes: int | None = None, what: str = "a window") -> tuple[EngineConfig, int]:
   """(engine config, prompt positions) of the engine that serves windows of up to `prompt_tokens` (the prompt
-  positions: with HEADROOM, bucketed) and `max_new_tokens`, for `num_slots` windows in flight:
+  positions: with PROMPT_ROOM, bucketed) and `max_new_tokens`, for `num_slots` windows in flight:
   `settings.batch_size` slots, or as many as the memory budget (`memory_limit_bytes`, else the devices')
   holds. rrjax.rerank.preflight compiles the programs of the same config."""
   want = EngineConfig(slots=settings.batch_size or 0, sampling=sampling(settings))
-  P = want.buckets.prompt(math.ceil(prompt_tokens * HEADROOM))
+  P = want.buckets.prompt(math.ceil(prompt_tokens * PROMPT_ROOM))
   want = dataclasses.replace(want, length=P + want.buckets.new_tokens(max_new_tokens))
   return engine_config.plan(model, want, prompt_len=P, mesh=mesh, num_slots=num_slots,
                             memory_limit_bytes=memory_limit_bytes, what=what), P
