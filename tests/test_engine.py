@@ -181,6 +181,42 @@ def test_sharded_engine_matches_single_device(ref, model):
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
 
 
+@pytest.mark.parametrize("mesh_shape, layout, chunk", [((2, 2, 2), "split", None), ((2, 2, 2), "paged", 16),
+                                                       ((4, 2, 1), "paged", None)])
+def test_sharded_prefill_places_rows_without_gathering_them(ref, model, mesh_shape, layout, chunk):
+  """On a mesh the prefill's rows, sharded like the slots, reach their slots round a ring of the devices: no
+  device gathers every row's prompt keys/values (an all-gather of [L, G, P, ...], 8 rows' prefix on every chip
+  of the 32B GRPO recipe), and each row lands in its slots (copies, ids >= B skipped) as on one device: both
+  cache layouts, whole or chunked, kv heads over tensor, and rows over fewer axes than the slots (4 rows over
+  data 4, 8 slots over data x fsdp)."""
+  from rrjax import hlo_count
+
+  rows = 4
+  mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape))
+  sharded = hf_reference.rrjax_twin(ref, CONFIG, mesh=mesh)
+  config = engine.EngineConfig(slots=8, length=LENGTH, cache_layout=layout)
+  P, C = 64, 3
+  tokens = np.random.default_rng(1).integers(0, 97, (rows, P)).astype(np.int32)
+  lengths = np.array([40, 5, 64, 17][:rows], np.int32)
+  dest = np.array([[6, 1, 8], [0, 8, 8], [3, 5, 8], [7, 2, 4]][:rows], np.int32)  # 8 = B: skipped
+  out = []
+  for m, on in ((model, None), (sharded, mesh)):
+    eng = engine.Engine(m, config, mesh=on)
+    prefill = eng.programs.prefill(eng.params, rows, P, C, chunk)
+    cache, logits = prefill(eng.params, eng.cache, *map(eng._put, (tokens, lengths, dest)))
+    out.append((cache, logits))
+  gathered = [dims for ins in map(hlo_count._parse_instr, prefill.as_text().splitlines())
+              if ins is not None and ins.opcode in ("all-gather", "all-gather-start") for _, dims, _ in ins.arrays()]
+  prefixes = [d for d in gathered if d[:1] == (CONFIG.num_layers,) and P in d]  # [L, G, P, K, H] gathered
+  assert gathered and not prefixes, prefixes
+  (single, single_logits), (multi, multi_logits) = out
+  for a, b in zip(multi, single):
+    if b is not None:
+      assert np.asarray(b).any() and not np.asarray(b)[:, [s for s in range(8) if s not in dest]].any()
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(multi_logits), np.asarray(single_logits), atol=1e-4)
+
+
 def test_tpu_programs_compile_ahead_of_time():
   """prefill (splash), insert and decode (ragged paged attention) lowered by Mosaic and compiled by the TPU
   compiler of the libtpu wheel for a v5e 2x2 slice, on this CPU (nothing runs)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -130,14 +131,19 @@ def named(mesh: Mesh, names, shape) -> NamedSharding:
   return NamedSharding(mesh, sharding_lib.logical_spec(names, shape, sharding_lib.mesh_sizes(mesh)))
 
 
+def cache_names(spec: Spec) -> tuple[str | None, ...]:
+  """The logical names of the slot cache's dims (of k, and of v when split)."""
+  if spec.layout == "paged":  # only whole (key, value) pairs per device
+    whole = spec.config.num_kv_heads % sharding_lib.mesh_sizes(spec.mesh).get("tensor", 1) == 0
+    return ("layers", "batch", "cache_length", "kv_heads" if whole else None, "head_dim")
+  return SlotCache.logical_axes().k
+
+
 def cache_shardings(spec: Spec) -> SlotCache:
   c, mesh = spec.config, spec.mesh
   L, K, H = c.num_layers, c.num_kv_heads, c.head_dim
-  if spec.layout == "paged":  # only whole (key, value) pairs per device
-    shape = (L, spec.slots, spec.length, 2 * K, H)
-    whole = K % sharding_lib.mesh_sizes(mesh).get("tensor", 1) == 0
-    names = ("layers", "batch", "cache_length", "kv_heads" if whole else None, "head_dim")
-    return SlotCache(named(mesh, names, shape), None)
+  if spec.layout == "paged":
+    return SlotCache(named(mesh, cache_names(spec), (L, spec.slots, spec.length, 2 * K, H)), None)
   shape = (L, spec.slots, spec.length, K, H)
   axes = SlotCache.logical_axes()
   return SlotCache(named(mesh, axes.k, shape), named(mesh, axes.v, shape))
@@ -191,6 +197,84 @@ def _is_stop(tokens_B, stops_BxM):
 # ---------------------------------------------------------------- program bodies
 
 
+def _scatter_rows(caches, rows, lengths_R, dest_RxC, offset, P: int):
+  """Each row r of `rows` [L, R, >= P, ...], its first P positions with those from lengths[r] on zeroed (finite
+  values, whatever the kernel made of them), into slots dest[r, :] - offset of the matching cache [L, B, S, ...]
+  (slots outside [0, B) are skipped). Zeroing here, fused into the writes, keeps no zeroed copy of the rows."""
+  B = caches[0].shape[1]
+  local_RxC = dest_RxC - offset
+  # Mapped to B explicitly: a negative index would wrap around rather than drop.
+  local_RxC = jnp.where((local_RxC >= 0) & (local_RxC < B), local_RxC, B)
+  keep = (jnp.arange(P)[None] < lengths_R[:, None])[None, :, :, None, None]
+  out = []
+  for cache, x in zip(caches, rows):
+    x = jnp.where(keep, x[:, :, :P], 0).astype(cache.dtype)
+    for j in range(dest_RxC.shape[1]):
+      cache = cache.at[:, local_RxC[:, j], :P].set(x, mode="drop")
+    out.append(cache)
+  return tuple(out)
+
+
+def _axes(entry) -> tuple[str, ...]:
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _place(spec: Spec, caches, rows, lengths_G, dest_GxC, P: int):
+  """The prefill's rows [L, G, >= P, ...] (prompts of lengths[g]) into their slots dest[g, :] of the caches
+  [L, B, S, ...] (see _scatter_rows).
+
+  On a mesh the rows are sharded over the batch axes like the slots, and a scatter to data-dependent slots
+  would make XLA all-gather every row's prefix onto every device (for a 32B model's 24k-token prompts, 8
+  rows were 51 GB per chip). Instead the rows go round a ring of the devices that hold different rows: at
+  each step every device writes the rows it holds into its own slots and passes them on, so a device holds
+  its own rows and the ones arriving rather than every device's (the traffic is the all-gather's)."""
+  if spec.mesh is None:
+    return _scatter_rows(caches, rows, lengths_G, dest_GxC, 0, P)
+  sizes = sharding_lib.mesh_sizes(spec.mesh)
+  pad = lambda spec_: tuple(spec_) + (None,) * (caches[0].ndim - len(spec_))
+  cache_spec = pad(cache_shardings(spec).k.spec)
+  # The rows' own spec: the cache's logical names over the rows' shape (G rows may shard over fewer axes).
+  row_spec = pad(sharding_lib.logical_spec(cache_names(spec), rows[0].shape, sizes))
+  ring, slot_axes = _axes(row_spec[1]), _axes(cache_spec[1])
+  n = math.prod(sizes[a] for a in ring)
+  if n <= 2 or cache_spec[2] is not None or row_spec[:1] + row_spec[2:] != cache_spec[:1] + cache_spec[2:]:
+    # Left to XLA (which gathers the rows, zeroed first as they are fewer than the gathered ones): over two
+    # devices the gather holds no more than the ring would (a device's rows and the ones arriving); positions
+    # split across devices would not line up (P and S); other dims sharded unlike the cache.
+    keep = (jnp.arange(P)[None] < lengths_G[:, None])[None, :, :, None, None]
+    rows = tuple(jnp.where(keep, x[:, :, :P], 0) for x in rows)
+    return _scatter_rows(caches, rows, lengths_G, dest_GxC, 0, P)
+  PS = PartitionSpec
+
+  def local(caches, rows, lengths_G, dest_GxC):
+    R, B = rows[0].shape[1], caches[0].shape[1]
+    me = jax.lax.axis_index(ring) if ring else 0
+    offset = jax.lax.axis_index(slot_axes) * B if slot_axes else 0
+
+    def put(t, caches, rows):
+      # At step t a device holds the rows of the device t places before it on the ring.
+      first = ((me - t) % n) * R
+      at = lambda x: jax.lax.dynamic_slice_in_dim(x, first, R, axis=0)
+      return _scatter_rows(caches, rows, at(lengths_G), at(dest_GxC), offset, P)
+
+    def step(t, carry):
+      caches, rows = carry
+      caches = put(t, caches, rows)
+      return caches, tuple(jax.lax.ppermute(x, ring, [(i, (i + 1) % n) for i in range(n)]) for x in rows)
+
+    # Two steps per iteration: a one-step body passes on the rows it carries into the carry's own buffer, so
+    # XLA copies them first (a third set of rows); here the second transfer lands where the first one's rows
+    # were. A loop, not unrolled steps, so that XLA's scheduler cannot start every transfer at once.
+    carry = jax.lax.fori_loop(0, (n - 1) // 2, lambda i, c: step(2 * i + 1, step(2 * i, c)), (caches, rows))
+    if (n - 1) % 2:
+      carry = step(n - 2, carry)
+    return put(n - 1, *carry)
+
+  specs = tuple(PS(*cache_spec) for _ in caches), tuple(PS(*row_spec) for _ in rows)
+  fn = jax.shard_map(local, mesh=spec.mesh, in_specs=(*specs, PS(), PS()), out_specs=specs[0], check_vma=False)
+  return fn(tuple(caches), tuple(rows), lengths_G, dest_GxC)
+
+
 def prefill_fn(spec: Spec, rows: int, prompt: int, copies: int, chunk: int | None):
   """(params, cache, tokens [G, P], lengths [G], dest [G, C]) -> (cache, logits [G, V]): prefills G
   right-padded prompts and places each row's keys/values into slots dest[g, :] (ids >= B are skipped)."""
@@ -234,21 +318,15 @@ def prefill_fn(spec: Spec, rows: int, prompt: int, copies: int, chunk: int | Non
       for start, end in zip([0] + ends, ends):
         carry = jax.lax.fori_loop(start, end, functools.partial(step, keys=end * chunk), carry)
       prefix, last_GxD = carry
-      k, v = (x if x is None else x[:, :, :P] for x in prefix)
+      k, v = prefix  # [.., n * chunk, ..]: _place takes the first P positions
     logits_GxV = model.logits(last_GxD[:, None])[:, 0]
-    # Padding positions get zeros: finite values, whatever the kernel made of them.
-    keep = real_GxP[None, :, :, None, None]
-    k, v = (x if x is None else jnp.where(keep, x, 0).astype(cache.k.dtype) for x in (k, v))
+    # In the cache's dtype before they travel (padding is zeroed as they are written: _place).
+    k, v = (x if x is None else x.astype(cache.k.dtype) for x in (k, v))
     if spec.layout == "paged":
       kv = k if v is None else jnp.stack([k, v], axis=-2).reshape(*k.shape[:3], 2 * k.shape[3], k.shape[4])
-      new_k = cache.k
-      for j in range(copies):
-        new_k = new_k.at[:, dest_GxC[:, j], :P].set(kv, mode="drop")
+      (new_k,) = _place(spec, (cache.k,), (kv,), lengths_G, dest_GxC, P)
       return SlotCache(new_k, None), logits_GxV
-    new_k, new_v = cache.k, cache.v
-    for j in range(copies):
-      new_k = new_k.at[:, dest_GxC[:, j], :P].set(k, mode="drop")
-      new_v = new_v.at[:, dest_GxC[:, j], :P].set(v, mode="drop")
+    new_k, new_v = _place(spec, (cache.k, cache.v), (k, v), lengths_G, dest_GxC, P)
     return SlotCache(new_k, new_v), logits_GxV
 
   return prefill
