@@ -153,9 +153,9 @@ def estimate(model, *, slots: int, length: int, prefill_rows: int, prompt_len: i
   else:
     scores = (3 * heads * 4 + 1) * attention_lib.xla_score_elements(q_len, prompt_len, causal_only=not chunk)
   # A chunked prefill holds its prefix and, when it is placed into slots, the prefix with padding zeroed; rows
-  # split over devices reach their slots round a ring of them (programs._place), each device holding its rows
-  # and the ones arriving.
-  prefixes = 2 if chunk or rows < prefill_rows else 1
+  # split over more than two devices reach their slots round a ring of them (programs._place), each device
+  # holding its rows and the ones arriving (over two, XLA's scatter: no more than one prefix's worth measured).
+  prefixes = 2 if chunk or shards > 2 and rows < prefill_rows else 1
   prefill = rows * (prefixes * 2 * L * prompt_len * kv_heads * H * kv_item
                     + scores
                     + q_len * (3 * F + 4 * D + (heads + 2 * kv_heads) * H) * item
