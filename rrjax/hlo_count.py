@@ -6,7 +6,8 @@ partitioning), for rrjax.cost. `python -m rrjax.hlo_count FILE.hlo` prints the c
   on the vector units, not at the bf16 matrix peak). XLA's `cost_analysis()` counts a while loop's body once;
   here each body is multiplied by its trip count: the `known_trip_count` XLA:CPU writes into the while's
   backend_config, else the trip count read off the loop condition (`i < N` on a tuple element that the loop
-  starts at a constant, as every jax scan and fori_loop lowers; the TPU compiler writes no known_trip_count),
+  starts at a constant and steps by the constant the body adds, as every jax scan and fori_loop lowers and the
+  TPU compiler's windowed-einsum loops step by 2; the TPU compiler writes no known_trip_count),
   else (a loop that exits on data: the engine's decode loop) the body counts once, i.e. per iteration, and
   `counted_note` says so.
 - HBM bytes are each top-level op's operands and outputs (fusions as one op), loops multiplied alike, where the
@@ -329,7 +330,26 @@ class _Module:
       first = self.by_name.get(init.operands[index])
       if first is not None and first.opcode == "constant":
         start = _constant(first) or 0
-    return max(n - start, 0)
+    step = self._step(ins, index)
+    return max(-(-(n - start) // step), 0)
+
+  def _step(self, ins: _Instr, index: int) -> int:
+    """What the loop body adds to its counter (tuple element `index`): 1 unless the body's root sets it to
+    `counter + constant` (the TPU compiler's windowed-einsum loops take two steps of a collective matmul per
+    iteration and add 2: counting them by 1 doubled those matmuls)."""
+    body = self.comps.get(self._called(ins, "body"), [])
+    root = body[-1] if body else None
+    if root is None or root.opcode != "tuple" or index >= len(root.operands):
+      return 1
+    update = self.by_name.get(root.operands[index])
+    if update is None or update.opcode != "add":
+      return 1
+    parts = [self.by_name.get(o) for o in update.operands[:2]]
+    if None in parts:
+      return 1
+    counter = [p for p in parts if p.opcode == "get-tuple-element" and re.search(rf"\bindex={index}\b", p.attrs)]
+    constant = [_constant(p) for p in parts if p.opcode == "constant"]
+    return constant[0] if counter and constant and constant[0] and constant[0] > 0 else 1
 
   # -- memory traffic
 

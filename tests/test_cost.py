@@ -90,6 +90,24 @@ def _forward_cost(target: str, devices, config: Qwen2Config, rows: int, seq: int
   return counted, want["flops"] / len(devices)
 
 
+def test_collective_matmul_loop_counts_its_matmul_once():
+  """An fsdp-sharded weight matmul on TPU becomes a windowed einsum: a loop taking two steps of a collective
+  matmul per iteration, its counter stepping by 2. Read as steps of 1 it counted the matmul twice (the 32B
+  LoRA GRPO recipe's rollout prefill and log-prob pass at 1.80x useful)."""
+  devices = preflight.tpu_devices("v5p:2x2x2")
+  mesh = jax.sharding.Mesh(np.asarray(devices).reshape(8), ("fsdp",))
+  B, T, D, F = 8, 4096, 5120, 27648
+  sharded = NamedSharding(mesh, PartitionSpec("fsdp"))
+  x = jax.ShapeDtypeStruct((B, T, D), jnp.bfloat16, sharding=sharded)
+  w = jax.ShapeDtypeStruct((D, F), jnp.bfloat16, sharding=sharded)
+  fn = jax.jit(lambda x, w: jnp.einsum("btd,df->btf", x, w), out_shardings=sharded)
+  text = fn.lower(x, w).compile().as_text()
+  assert "windowed_dot_general" in text  # the case this is about
+  counted = hlo_count.count_hlo(text)
+  assert counted.loops >= 1 and counted.open_loops == 0
+  assert counted.flops == 2 * T * D * F  # one row of B per device, the whole weight
+
+
 @pytest.mark.parametrize("target", ["gpu", "tpu"])
 def test_tiny_qwen2_forward_within_5_percent_of_analytic(target):
   """A 2-layer Qwen2 (a 512-token vocabulary, so attention weighs: 1,024 tokens) per device: on cpu:2 with GPU
