@@ -277,7 +277,14 @@ def test_bf16_logits_no_further_from_float32_than_transformers_bf16():
   print(f"bf16 max |err| rrjax {err_ours:.5f} transformers {err_theirs:.5f}; "
         f"argmax agreement rrjax {agree_ours:.4f} transformers {agree_theirs:.4f}")
   assert err_ours <= 1.1 * err_theirs
-  assert agree_ours >= agree_theirs
+
+  def near_best(x):
+    """Positions whose bf16 argmax is, in float32, within 2x bf16's own error of the best logit: a flip
+    between tokens that close is rounding (which model flips is chance), any other is an error."""
+    chosen = np.take_along_axis(expected, x.argmax(-1)[..., None], axis=-1)[..., 0]
+    return (chosen >= expected.max(-1) - 2 * err_theirs).mean()
+
+  assert near_best(got) == near_best(theirs) == 1.0
 
 
 def test_test_extra_keeps_only_a_lower_bound_on_transformers():
